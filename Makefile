@@ -1,0 +1,51 @@
+# tt_mimic: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FLAGFILE ?= flags/sample.cfg
+MODEL_DIR ?= saved_models/sample
+USER ?=
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train ingest test tensorboard recommend serve export sample clean
+
+help:  ## List the targets.
+	@grep -E '^[a-z_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## Build .venv from the repo (fast when already done).
+
+train: $(STAMP)  ## Train, evaluate and export on FLAGFILE (default: the embedded sample), then print a recommendation.
+	$(PY) -m tt_mimic.train --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
+
+ingest: $(STAMP)  ## Run only the ingest step on FLAGFILE.
+	$(PY) -m tt_mimic.ingest --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
+
+test: $(STAMP)  ## Run the test suite.
+	$(PY) -m pytest -q -n 2 tests
+
+tensorboard: $(STAMP)  ## Open TensorBoard on saved_models/.
+	$(VENV)/bin/tensorboard --logdir saved_models --bind_all=false
+
+recommend: $(STAMP)  ## Recommend for USER=<id> from MODEL_DIR.
+	$(PY) -m tt_mimic.recommend --model_dir=$(MODEL_DIR) --user_id='$(USER)' --k=10 $(ARGS)
+
+serve: $(STAMP)  ## Serve MODEL_DIR over HTTP on 127.0.0.1:8501.
+	$(PY) -m tt_mimic.serve --model_dir=$(MODEL_DIR) $(ARGS)
+
+export: $(STAMP)  ## Re-export an existing run in MODEL_DIR.
+	$(PY) -m tt_mimic.export --model_dir=$(MODEL_DIR) $(ARGS)
+
+sample: $(STAMP)  ## Regenerate the embedded sample in data/ (byte for byte).
+	$(PY) -m tt_mimic.synth --out_dir=data
+
+clean:  ## Remove the venv, caches and exports.
+	rm -rf $(VENV) saved_models/*/ .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,99 @@
+"""Lenient parsers for the Amazon Books CSV fields.
+
+Real dumps hold JSON lists (`["Books", "Literature & Fiction"]`), Python
+list reprs (`['a', 'b']`), plain strings, empty cells, `None`/`null` and
+broken quoting. Each parser maps a pandas Series of raw strings to clean
+values and never raises on a bad cell.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import numpy as np
+import pandas as pd
+
+_NULLS = frozenset({"", "none", "null", "nan", "na", "n/a", "[]", "unknown",
+                    "unknown author", "[unknown]"})
+
+
+def _as_list(raw: str) -> list[str]:
+  """One cell -> list of non-empty strings."""
+  text = raw.strip()
+  if text.lower() in _NULLS:
+    return []
+  value = None
+  if text[:1] in "[\"{":
+    try:
+      value = json.loads(text)
+    except ValueError:
+      try:
+        value = ast.literal_eval(text) if text[:1] == "[" else None
+      except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = None
+      if value is None and text[:1] == "[" and text[-1:] == "]":
+        # Broken JSON list: split the inside on the quote-comma-quote seams.
+        inner = text[1:-1].strip().strip("\"'")
+        value = [p.strip().strip("\"'") for p in inner.split("\",")]
+  if value is None:
+    value = [text]
+  if isinstance(value, str):
+    value = [value]
+  if not isinstance(value, list):
+    value = [value] if isinstance(value, (int, float)) else []
+  out = []
+  for v in value:
+    if isinstance(v, list):  # nested lists: flatten one level
+      out.extend(str(x).strip() for x in v)
+    elif v is not None:
+      out.append(str(v).strip())
+  return [v for v in out if v and v.lower() not in _NULLS]
+
+
+def parse_json_list(raw: pd.Series) -> list[list[str]]:
+  """Parses a column of list-like cells; bad cells become [] or [text]."""
+  return [_as_list(str(x)) for x in raw.to_numpy()]
+
+
+def parse_title(raw: pd.Series) -> np.ndarray:
+  """Title cells (JSON lists of strings) -> one string each ('' if none)."""
+  return np.array([" ".join(_as_list(str(x))) for x in raw.to_numpy()],
+                  dtype=object)
+
+
+def _author(raw: str) -> str:
+  text = raw.strip()
+  if text[:1] == "{":
+    try:
+      text = str(json.loads(text).get("name", ""))
+    except (ValueError, AttributeError):
+      pass
+  text = " ".join(text.split())
+  return "" if text.lower() in _NULLS else text
+
+
+def clean_author(raw: pd.Series) -> np.ndarray:
+  """Author cells -> trimmed names; unknown/empty -> ''."""
+  return np.array([_author(str(x)) for x in raw.to_numpy()], dtype=object)
+
+
+def parse_nonnegative(raw: pd.Series) -> tuple[np.ndarray, dict]:
+  """Numeric cells -> float64 with NaN for missing; counts invalid values.
+
+  Returns:
+    (values, counts) where counts maps 'missing', 'non_numeric', 'negative'
+    and 'non_finite' to how many cells were set missing for that reason.
+  """
+  text = raw.astype(str).str.strip().str.replace(r"^\$", "", regex=True)
+  missing = text.str.lower().isin(_NULLS).to_numpy()
+  values = pd.to_numeric(text.where(~missing, None), errors="coerce")
+  values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+  non_numeric = ~missing & np.isnan(values)
+  non_finite = np.isinf(values)
+  negative = values < 0
+  values = np.where(non_finite | negative, np.nan, values)
+  return values, {"missing": int(missing.sum()),
+                  "non_numeric": int(non_numeric.sum()),
+                  "negative": int(negative.sum()),
+                  "non_finite": int(non_finite.sum())}
