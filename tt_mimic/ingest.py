@@ -396,3 +396,21 @@ def run_cached(config: IngestConfig, model_dir: str,
     json.dump(result.report, f, indent=2)
   logging.info("Ingest summary\n%s", summary(result.report))
   return result
+
+
+def main(argv):
+  """`python -m tt_mimic.ingest --flagfile=...`: ingest only, with a report."""
+  if len(argv) > 1:
+    raise SystemExit(f"Unexpected arguments: {argv[1:]}")
+  from tt_mimic import cli_flags  # pylint: disable=g-import-not-at-top
+  try:
+    run_cached(cli_flags.ingest_config(), cli_flags.MODEL_DIR.value,
+               cli_flags.CACHE_DIR.value)
+  except IngestError as e:
+    raise SystemExit(f"ingest failed: {e}") from None
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from tt_mimic import cli_flags  # noqa: F401  (defines the flags)
+  app.run(main)

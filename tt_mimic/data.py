@@ -1,0 +1,161 @@
+"""tf.data pipelines over the ingested, integer-indexed events.
+
+Training examples are positions in the time-sorted sequence of training
+events. A batch of positions is turned into feature dicts with vectorized
+gathers: `user_id`, `item` (the positive book) and `history`, the user's
+most recent earlier training books (most recent first, 0 = padding).
+History is strictly causal: only events with a smaller timestamp than the
+target event, never the event itself or anything at or after its time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+
+from tt_mimic import ingest
+
+
+@dataclasses.dataclass
+class TrainSequence:
+  """Training events sorted by (user, timestamp, item), as flat arrays.
+
+  Attributes:
+    user: [n] user index of each event.
+    item: [n] corpus index of each event's book.
+    start: [n] position of the user's first training event.
+    end: [n] position one past the user's last event strictly earlier in
+      time than this event (history = positions [start, end)).
+  """
+  user: np.ndarray
+  item: np.ndarray
+  start: np.ndarray
+  end: np.ndarray
+
+  def __len__(self):
+    return len(self.user)
+
+
+def train_sequence(events: pd.DataFrame) -> TrainSequence:
+  """Builds the causal index arrays from ingest's sorted events."""
+  train = events[events["split"] == ingest.SPLIT_TRAIN]
+  user = train["user"].to_numpy(np.int64)
+  ts = train["timestamp"].to_numpy(np.int64)
+  n = len(user)
+  pos = np.arange(n)
+  new_user = np.r_[True, user[1:] != user[:-1]]
+  start = np.maximum.accumulate(np.where(new_user, pos, 0))
+  new_time = new_user | np.r_[True, ts[1:] != ts[:-1]]
+  end = np.maximum.accumulate(np.where(new_time, pos, 0))
+  return TrainSequence(user=user, item=train["item"].to_numpy(np.int64),
+                       start=start, end=end)
+
+
+def gather_history(item: tf.Tensor, start: tf.Tensor, end: tf.Tensor,
+                   length: int) -> tf.Tensor:
+  """[batch, length] items at positions end-1, end-2, ... >= start, else 0."""
+  offsets = end[:, None] - 1 - tf.range(length, dtype=end.dtype)[None, :]
+  valid = offsets >= start[:, None]
+  values = tf.gather(item, tf.maximum(offsets, 0))
+  return tf.where(valid, values, tf.zeros_like(values))
+
+
+def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
+                  history_length: int, batch_size: int,
+                  seed: int) -> tf.data.Dataset:
+  """Shuffled, batched, prefetched feature dicts of training events.
+
+  Args:
+    seq: the training events.
+    user_id_index: [num_users + 1] user-id embedding index per user index.
+    history_length: history positions per example.
+    batch_size: examples per batch.
+    seed: shuffle seed (each epoch reshuffles deterministically).
+  """
+  item = tf.constant(seq.item)
+  user = tf.constant(user_id_index[seq.user])
+  start, end = tf.constant(seq.start), tf.constant(seq.end)
+
+  def features(positions):
+    return {"user_id": tf.gather(user, positions),
+            "item": tf.gather(item, positions),
+            "history": gather_history(item, tf.gather(start, positions),
+                                      tf.gather(end, positions),
+                                      history_length)}
+
+  ds = tf.data.Dataset.range(len(seq))
+  ds = ds.shuffle(len(seq), seed=seed, reshuffle_each_iteration=True)
+  ds = ds.batch(batch_size)
+  ds = ds.map(features, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """Users to evaluate on one split, with what the model may see.
+
+  Attributes:
+    users: [m] user indices.
+    user_id: [m] user-id embedding index (0 for users unseen in training).
+    history: [m, h] their most recent training books, most recent first.
+    targets: list of m arrays of held-out corpus indices.
+    seen: list of m arrays of the user's training books (masked).
+    skipped_no_history: users of the split with no training event.
+  """
+  users: np.ndarray
+  user_id: np.ndarray
+  history: np.ndarray
+  targets: list
+  seen: list
+  skipped_no_history: int
+
+  def __len__(self):
+    return len(self.users)
+
+  def dataset(self, batch_size: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(
+        {"user_id": self.user_id, "history": self.history}).batch(batch_size)
+
+
+def eval_set(events: pd.DataFrame, split: int, user_id_index: np.ndarray,
+             history_length: int, max_users: int = 0,
+             seed: int = 0) -> EvalSet:
+  """Held-out events of `split`, grouped per user; features from train only.
+
+  Users of the split with no training event are skipped and counted (the
+  model has nothing about them; popularity is their fallback).
+  """
+  train = events[events["split"] == ingest.SPLIT_TRAIN]
+  held = events[events["split"] == split]
+  train_user = train["user"].to_numpy(np.int64)  # sorted by ingest
+  train_item = train["item"].to_numpy(np.int64)
+  held_user = held["user"].to_numpy(np.int64)
+  held_item = held["item"].to_numpy(np.int64)
+  users = np.unique(held_user)
+  lo = np.searchsorted(train_user, users, "left")
+  hi = np.searchsorted(train_user, users, "right")
+  has_history = hi > lo
+  skipped = int((~has_history).sum())
+  users, lo, hi = users[has_history], lo[has_history], hi[has_history]
+  if max_users and len(users) > max_users:
+    keep = np.sort(np.random.default_rng(seed).choice(
+        len(users), max_users, replace=False))
+    users, lo, hi = users[keep], lo[keep], hi[keep]
+  held_lo = np.searchsorted(held_user, users, "left")
+  held_hi = np.searchsorted(held_user, users, "right")
+  history = np.zeros((len(users), history_length), np.int64)
+  seen, targets = [], []
+  for row in range(len(users)):
+    items = train_item[lo[row]:hi[row]]
+    recent = items[::-1][:history_length]
+    history[row, :len(recent)] = recent
+    seen.append(items)
+    targets.append(held_item[held_lo[row]:held_hi[row]])
+  return EvalSet(users=users, user_id=user_id_index[users], history=history,
+                 targets=targets, seen=seen, skipped_no_history=skipped)

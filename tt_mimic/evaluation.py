@@ -1,0 +1,128 @@
+"""Full-corpus ranking evaluation.
+
+Every corpus book is scored for every evaluated user, the user's training
+books are masked, and Recall, NDCG, HR, precision and MAP at K plus MRR
+(over the top max(K)) are averaged over users. The held-out items are used
+only to count hits; they never enter the candidate list, the features or
+the mask. No sampled-candidate metric is computed (Krichene & Rendle,
+"On Sampled Metrics for Item Recommendation", KDD 2020).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+
+from tt_mimic import data as data_lib
+
+KS = (10, 20, 50, 100)
+
+
+class DivergedError(RuntimeError):
+  """Raised instead of reporting metrics of a model with non-finite output."""
+
+
+def user_metrics(ranked: np.ndarray, targets: np.ndarray, ks=KS) -> dict:
+  """Metrics of one user's ranked list.
+
+  Args:
+    ranked: [max_k] corpus indices, best first.
+    targets: [t] held-out corpus indices (t >= 1).
+    ks: cut-offs.
+
+  Returns:
+    {"recall@k", "ndcg@k", "hr@k", "precision@k", "map@k" for k in ks,
+     "mrr"}.
+  """
+  hit = np.isin(ranked, targets)
+  gains = hit / np.log2(np.arange(2, len(ranked) + 2))
+  ideal = np.cumsum(1.0 / np.log2(np.arange(2, len(ranked) + 2)))
+  precision_at = np.cumsum(hit) / np.arange(1, len(ranked) + 1)
+  out = {}
+  for k in ks:
+    hits = hit[:k].sum()
+    out[f"recall@{k}"] = hits / len(targets)
+    out[f"ndcg@{k}"] = gains[:k].sum() / ideal[min(len(targets), k) - 1]
+    out[f"hr@{k}"] = float(hits > 0)
+    out[f"precision@{k}"] = hits / k
+    out[f"map@{k}"] = ((precision_at[:k] * hit[:k]).sum()
+                       / min(len(targets), k))
+  first = np.flatnonzero(hit)
+  out["mrr"] = 1.0 / (first[0] + 1) if first.size else 0.0
+  return out
+
+
+def mask_seen(scores: tf.Tensor, seen: list) -> tf.Tensor:
+  """Sets scores of padding column 0 and each row's seen items to -inf."""
+  rows = np.concatenate([np.full(len(s), r) for r, s in enumerate(seen)]
+                        + [np.arange(len(seen))])
+  cols = np.concatenate(list(seen) + [np.zeros(len(seen), np.int64)])
+  indices = tf.constant(np.stack([rows, cols], 1), tf.int64)
+  return tf.tensor_scatter_nd_update(
+      scores, indices, tf.fill([len(rows)], -np.inf))
+
+
+def evaluate(score_fn: Callable[[dict], tf.Tensor],
+             eval_set: data_lib.EvalSet, ks=KS, batch_size: int = 256,
+             return_ranked: bool = False):
+  """Averages `user_metrics` over the users of `eval_set`.
+
+  Args:
+    score_fn: batch of {"user_id", "history"} -> [batch, num_items + 1]
+      scores over the whole corpus (column 0 is padding).
+    eval_set: users, their features, seen items and targets.
+    ks: cut-offs.
+    batch_size: users scored at once.
+    return_ranked: also return the [users, max(ks)] ranked lists.
+
+  Raises:
+    DivergedError: when a score is NaN or infinite.
+  """
+  max_k = max(ks)
+  totals, ranked_all = {}, []
+  row = 0
+  for batch in eval_set.dataset(batch_size):
+    scores = tf.cast(score_fn(batch), tf.float32)
+    if not bool(tf.reduce_all(tf.math.is_finite(scores))):
+      raise DivergedError("The model produced non-finite scores; refusing to "
+                          "report metrics of a diverged model.")
+    n = int(scores.shape[0])
+    scores = mask_seen(scores, eval_set.seen[row:row + n])
+    k = min(max_k, int(scores.shape[1]) - 1)
+    ranked = tf.math.top_k(scores, k=k).indices.numpy()
+    for i in range(n):
+      for name, value in user_metrics(ranked[i], eval_set.targets[row + i],
+                                      ks).items():
+        totals[name] = totals.get(name, 0.0) + value
+    if return_ranked:
+      ranked_all.append(ranked)
+    row += n
+  metrics = {name: total / max(row, 1) for name, total in totals.items()}
+  metrics["users"] = row
+  if return_ranked:
+    return metrics, np.concatenate(ranked_all) if ranked_all else None
+  return metrics
+
+
+def popularity_scorer(train_count: np.ndarray) -> Callable[[dict], tf.Tensor]:
+  """Scores every book by its training count (train_count[0] = padding)."""
+  counts = tf.constant(train_count, tf.float32)
+
+  def score(batch):
+    n = tf.shape(batch["user_id"])[0]
+    return tf.tile(counts[None, :], [n, 1])
+  return score
+
+
+def embedding_scorer(query_fn: Callable[[dict], tf.Tensor],
+                     item_embeddings: tf.Tensor) -> Callable:
+  """Scores by inner product of query embeddings with all item embeddings."""
+  items = tf.constant(item_embeddings)
+
+  def score(batch):
+    return tf.matmul(query_fn(batch), items, transpose_b=True)
+  return score

@@ -1,0 +1,75 @@
+"""Runs the compared variants on one split and collects their metrics.
+
+Variants (same data, split, budget and tower sizes):
+  popularity  training counts, no model
+  two_tower   the towers with neither AMM nor CAL
+  dat_no_cal  AMM only
+  dat         AMM and CAL (the model that is exported)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import logging
+
+from tt_mimic import evaluation
+from tt_mimic import model as model_lib
+from tt_mimic import runner
+from tt_mimic import towers
+
+VARIANTS = ("popularity", "two_tower", "dat_no_cal", "dat")
+HEADLINE = ("recall@20", "ndcg@20", "hr@20", "recall@50", "recall@100",
+            "ndcg@100", "mrr")
+
+
+def variant_configs(name: str, tower: towers.TowerConfig,
+                    loss: model_lib.LossConfig):
+  """The tower and loss configs of a named variant."""
+  amm = {"two_tower": False, "dat_no_cal": True, "dat": True}[name]
+  cal = {"two_tower": False, "dat_no_cal": False, "dat": True}[name]
+  return (dataclasses.replace(tower, use_amm=amm and tower.use_amm),
+          dataclasses.replace(loss, use_amm=amm and loss.use_amm,
+                              use_cal=cal and loss.use_cal))
+
+
+def run(prep: runner.Prepared, tower: towers.TowerConfig,
+        loss: model_lib.LossConfig, train: runner.TrainConfig,
+        variants: tuple[str, ...], model_dir: str):
+  """Trains/evaluates `variants`; returns (metrics, results, built models).
+
+  metrics: {variant: {metric: value}} on the test split.
+  results: {variant: result dict with history} for trained variants.
+  built: {variant: runner.Built} for trained variants.
+  """
+  metrics, results, built = {}, {}, {}
+  for name in variants:
+    if name == "popularity":
+      metrics[name] = evaluation.evaluate(
+          evaluation.popularity_scorer(prep.item_probability), prep.test,
+          batch_size=train.eval_batch_size)
+      continue
+    tower_cfg, loss_cfg = variant_configs(name, tower, loss)
+    built[name], results[name] = runner.train_variant(
+        name, prep, tower_cfg, loss_cfg, train,
+        os.path.join(model_dir, "variants", name),
+        os.path.join(model_dir, "tensorboard", name))
+    metrics[name] = results[name]["test"]
+  with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  logging.info("Test metrics (full corpus, %d users, split %s)\n%s",
+               prep.test.users.size, prep.data.report["config"]["split"],
+               table(metrics))
+  return metrics, results, built
+
+
+def table(metrics: dict, columns=HEADLINE) -> str:
+  """A Markdown table: one row per variant, one column per metric."""
+  lines = ["| variant | " + " | ".join(columns) + " |",
+           "|---|" + "---|" * len(columns)]
+  for name, values in metrics.items():
+    lines.append(f"| {name} | " + " | ".join(
+        f"{values.get(c, float('nan')):.4f}" for c in columns) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""The DAT retrieval model: two towers, a main loss, AMM and CAL terms.
+
+`DATModel.compute_loss` is the whole model: the main retrieval loss plus
+lambda_u * loss_u + lambda_v * loss_v + lambda_ca * loss_CA (DAT eq. 7).
+Every term is a per-example mean, so the weights mean the same whatever
+the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tt_mimic import losses
+from tt_mimic import towers
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Main loss and DAT terms.
+
+  Attributes:
+    loss: "softmax" (in-batch softmax through tfrs.tasks.Retrieval with
+      log-Q correction) or "bce" (DAT's BCE with sampled negatives).
+    temperature: scores are divided by it.
+    log_q: subtract log of each candidate's sampling probability (softmax).
+    uniform_negatives: extra corpus items sampled uniformly per batch and
+      mixed into the softmax's candidates (mixed negative sampling).
+    bce_negatives: S, random negatives per positive for "bce".
+    use_amm: add the mimic losses.
+    use_cal: add the category alignment loss.
+    lambda_u, lambda_v, lambda_ca: weights of loss_u, loss_v, loss_CA.
+  """
+  loss: str = "softmax"
+  temperature: float = 0.05
+  log_q: bool = True
+  uniform_negatives: int = 0
+  bce_negatives: int = 4
+  use_amm: bool = True
+  use_cal: bool = True
+  lambda_u: float = 0.5
+  lambda_v: float = 0.5
+  lambda_ca: float = 1.0
+
+
+class ItemIndexEncoder(tf.keras.Model):
+  """Corpus item indices -> (p_v, a_v, cal_category) via the feature table.
+
+  `item_table` is the dict of variables of `towers.make_item_table`, shared
+  with the user tower.
+  """
+
+  def __init__(self, item_tower: towers.ItemTower, item_table: dict, **kwargs):
+    super().__init__(**kwargs)
+    self.tower = item_tower
+    self.table = item_table
+
+  def features(self, items: tf.Tensor) -> dict:
+    items = tf.cast(items, tf.int64)
+    return {k: tf.gather(v, items) for k, v in self.table.items()}
+
+  def call(self, items, training=False):
+    features = self.features(items)
+    p_v, a_v = self.tower(features, training=training)
+    return p_v, a_v, features["cal_category"]
+
+
+class DATModel(tfrs.Model):
+  """Two-tower retrieval with DAT's adaptive mimic and category alignment.
+
+  Batches are dicts of integer tensors: `user_id` [batch], `history`
+  [batch, h] and `item` [batch] (corpus index of the positive book).
+  """
+
+  def __init__(self, user_tower: towers.UserTower,
+               item_encoder: ItemIndexEncoder, item_probability: np.ndarray,
+               config: LossConfig, **kwargs):
+    super().__init__(**kwargs)
+    self.user_tower = user_tower
+    self.item_encoder = item_encoder
+    self.config = config
+    self.num_items = int(item_probability.shape[0]) - 1
+    self.item_probability = tf.constant(item_probability, tf.float32)
+    self.task = tfrs.tasks.Retrieval(
+        loss=tf.keras.losses.CategoricalCrossentropy(
+            from_logits=True,
+            reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE),
+        temperature=config.temperature, remove_accidental_hits=True)
+    self.trackers = {name: tf.keras.metrics.Mean(name)
+                     for name in ("loss_main", "loss_u", "loss_v", "loss_ca")}
+
+  @property
+  def metrics(self):
+    return list(self.trackers.values())
+
+  def _sample(self, count: int) -> tf.Tensor:
+    return tf.random.uniform([count], 1, self.num_items + 1, tf.int64)
+
+  def main_loss(self, p_u, p_v, items, training):
+    if self.config.loss == "bce":
+      return self._bce(p_u, p_v, training)
+    candidates, ids = p_v, tf.cast(items, tf.int64)
+    batch = tf.cast(tf.shape(ids)[0], tf.float32)
+    extra = self.config.uniform_negatives
+    if extra:
+      negatives = self._sample(extra)
+      n_v, _, _ = self.item_encoder(negatives, training=training)
+      candidates = tf.concat([p_v, n_v], 0)
+      ids = tf.concat([ids, negatives], 0)
+    probability = None
+    if self.config.log_q:
+      # Expected number of draws of each candidate under the mixture of
+      # in-batch (unigram) and uniform sampling.
+      probability = (batch * tf.gather(self.item_probability, ids)
+                     + extra / self.num_items)
+    return self.task(p_u, candidates, candidate_sampling_probability=probability,
+                     candidate_ids=ids, compute_metrics=False)
+
+  def _bce(self, p_u, p_v, training):
+    s = self.config.bce_negatives
+    batch = tf.shape(p_u)[0]
+    negatives = self._sample(batch * s)
+    n_v, _, _ = self.item_encoder(negatives, training=training)
+    n_v = tf.reshape(n_v, [batch, s, -1])
+    pos = tf.reduce_sum(p_u * p_v, -1, keepdims=True)
+    neg = tf.einsum("bd,bsd->bs", p_u, n_v)
+    logits = tf.concat([pos, neg], 1) / self.config.temperature
+    labels = tf.concat([tf.ones_like(pos), tf.zeros_like(neg)], 1)
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=labels, logits=logits))
+
+  def compute_loss(self, inputs, training=False):
+    p_u, a_u = self.user_tower(inputs, training=training)
+    p_v, a_v, category = self.item_encoder(inputs["item"], training=training)
+    terms = {"loss_main": self.main_loss(p_u, p_v, inputs["item"], training)}
+    cfg = self.config
+    zero = tf.zeros([], tf.float32)
+    amm = cfg.use_amm and a_u is not None and a_v is not None
+    terms["loss_u"] = losses.mimic_loss(a_u, p_v) if amm else zero
+    terms["loss_v"] = losses.mimic_loss(a_v, p_u) if amm else zero
+    terms["loss_ca"] = (losses.category_alignment_loss(p_v, category)
+                        if cfg.use_cal else zero)
+    for name, value in terms.items():
+      value = tf.debugging.check_numerics(
+          value, f"non-finite {name} (DATModel.compute_loss)")
+      self.trackers[name].update_state(value)
+      terms[name] = value
+    return (terms["loss_main"] + cfg.lambda_u * terms["loss_u"]
+            + cfg.lambda_v * terms["loss_v"] + cfg.lambda_ca * terms["loss_ca"])

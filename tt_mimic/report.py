@@ -1,0 +1,168 @@
+"""`<model_dir>/report.md`: metrics, curves, diagnostics, example users."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+
+from tt_mimic import evaluation
+from tt_mimic import experiment
+from tt_mimic import features
+from tt_mimic import runner
+
+
+def _summary(values: np.ndarray) -> str:
+  if values.size == 0:
+    return "n/a"
+  q = np.percentile(values, [5, 50, 95])
+  return (f"mean {values.mean():.3f}, p5 {q[0]:.3f}, median {q[1]:.3f}, "
+          f"p95 {q[2]:.3f}")
+
+
+def top_categories(prep: runner.Prepared) -> np.ndarray:
+  """[num_items + 1] top-level category per corpus index ('' for none)."""
+  return np.array([""] + [features.top_category(list(c))
+                          for c in prep.data.items["categories"]], dtype=object)
+
+
+def neighbour_overlap(embeddings: np.ndarray, cats: np.ndarray,
+                      rng: np.random.Generator, n: int = 500,
+                      k: int = 10) -> tuple[float, float]:
+  """Share of each item's k nearest items with its top category, vs chance."""
+  ids = np.flatnonzero(cats[1:] != "") + 1
+  if ids.size < k + 2:
+    return float("nan"), float("nan")
+  sample = rng.choice(ids, min(n, ids.size), replace=False)
+  scores = embeddings[sample] @ embeddings[ids].T
+  scores[np.arange(len(sample)), np.searchsorted(ids, sample)] = -np.inf
+  nearest = ids[np.argsort(-scores, axis=1)[:, :k]]
+  same = (cats[nearest] == cats[sample][:, None]).mean()
+  _, counts = np.unique(cats[ids], return_counts=True)
+  chance = ((counts / counts.sum()) ** 2).sum()
+  return float(same), float(chance)
+
+
+def diagnostics(prep: runner.Prepared, built: runner.Built,
+                result: dict) -> list[str]:
+  """Embedding diagnostics of one trained variant, as Markdown lines."""
+  rng = np.random.default_rng(0)
+  n_items = len(prep.data.items)
+  emb = runner.item_embeddings(built.encoder, n_items)
+  cats = top_categories(prep)
+  same, chance = neighbour_overlap(emb, cats, rng)
+  lines = [f"- Item embeddings p_v: {n_items} books, L2 norms "
+           f"{_summary(np.linalg.norm(emb[1:], axis=1))}.",
+           f"- Neighbour category overlap: {same:.3f} of each book's 10 "
+           f"nearest books share its top-level category (chance {chance:.3f})."]
+  val = prep.val
+  rows = rng.choice(len(val), min(2000, len(val)), replace=False)
+  batch = {"user_id": tf.constant(val.user_id[rows]),
+           "history": tf.constant(val.history[rows])}
+  p_u, a_u = built.user_tower(batch)
+  p_u = p_u.numpy()
+  hist = emb[val.history[rows]]
+  valid = (val.history[rows] != 0)[..., None]
+  profile = (hist * valid).sum(1) / np.maximum(valid.sum(1), 1)
+  align = (p_u * profile).sum(1)
+  shuffled = (p_u * profile[rng.permutation(len(rows))]).sum(1)
+  lines.append(f"- User-feature alignment: <p_u, mean p_v of history> "
+               f"{_summary(align)} (shuffled users: {shuffled.mean():.3f}).")
+  if a_u is not None:
+    a_v = built.item_tower.augmented.embeddings.numpy()
+    lines.append(f"- a_u norms {_summary(np.linalg.norm(a_u.numpy(), axis=1))}"
+                 f"; a_v norms {_summary(np.linalg.norm(a_v[1:], axis=1))}.")
+    hist_rows = result.get("history", [])
+    if hist_rows:
+      first, best = hist_rows[0], hist_rows[max(result["best_epoch"] - 1, 0)]
+      lines.append(
+          f"- Mimic distance (mean ||a - sg(p)||^2 per epoch): loss_u "
+          f"{first.get('loss_u', float('nan')):.3f} -> "
+          f"{best.get('loss_u', float('nan')):.3f}, loss_v "
+          f"{first.get('loss_v', float('nan')):.3f} -> "
+          f"{best.get('loss_v', float('nan')):.3f} (epoch 1 -> best epoch "
+          f"{result['best_epoch']}).")
+  return lines
+
+
+def curves(results: dict) -> list[str]:
+  lines = []
+  for name, result in results.items():
+    lines += [f"### {name}", "", "| epoch | loss_main | loss_u | loss_v | "
+              "loss_ca | val recall@20 | val ndcg@20 |", "|---|---|---|---|---|---|---|"]
+    for h in result.get("history", []):
+      lines.append(
+          f"| {h['epoch']} | {h.get('loss_main', float('nan')):.4f} | "
+          f"{h.get('loss_u', 0):.4f} | {h.get('loss_v', 0):.4f} | "
+          f"{h.get('loss_ca', 0):.4f} | {h.get('val_recall@20', 0):.4f} | "
+          f"{h.get('val_ndcg@20', 0):.4f} |")
+    lines.append("")
+  return lines
+
+
+def examples(prep: runner.Prepared, built: runner.Built, n_users: int = 3,
+             k: int = 10) -> list[str]:
+  """Sample test users: history, top-k and category/author match rates."""
+  items = prep.data.items
+  cats = top_categories(prep)
+  authors = np.r_[[""], items["author"].to_numpy(dtype=object)]
+  titles = np.r_[[""], items["title"].to_numpy(dtype=object)]
+  test = prep.test
+  rows = np.random.default_rng(1).choice(len(test), min(n_users, len(test)),
+                                         replace=False)
+  scorer = runner.model_scorer(built, len(items))
+  lines = []
+  for row in rows:
+    batch = {"user_id": tf.constant(test.user_id[row:row + 1]),
+             "history": tf.constant(test.history[row:row + 1])}
+    scores = evaluation.mask_seen(scorer(batch), [test.seen[row]])
+    top = tf.math.top_k(scores, k).indices.numpy()[0]
+    hist = test.seen[row]
+    cat_rate = np.isin(cats[top], cats[hist][cats[hist] != ""]).mean()
+    author_rate = np.isin(authors[top], authors[hist][authors[hist] != ""]).mean()
+    user = prep.data.users[test.users[row] - 1]
+    lines += [f"### user {user}", "",
+              f"History ({len(hist)} training books, most recent last): " +
+              "; ".join(f"{titles[i]} ({authors[i] or '?'}, {cats[i] or '?'})"
+                        for i in hist[-5:]), "",
+              f"Category match {cat_rate:.0%}, author match {author_rate:.0%}; "
+              "held-out book: " + "; ".join(titles[i] for i in test.targets[row]),
+              "", "| rank | title | author | category | hit |", "|---|---|---|---|---|"]
+    for rank, i in enumerate(top, 1):
+      hit = "yes" if i in test.targets[row] else ""
+      lines.append(f"| {rank} | {titles[i]} | {authors[i]} | {cats[i]} | {hit} |")
+    lines.append("")
+  return lines
+
+
+def write(model_dir: str, prep: runner.Prepared, metrics: dict,
+          results: dict, built: dict) -> str:
+  """Writes report.md and returns its path."""
+  cols = [f"{m}@{k}" for k in evaluation.KS for m in ("recall", "ndcg", "hr")]
+  lines = ["# tt_mimic run report", "",
+           f"Split: {prep.data.report['config']['split']}; corpus "
+           f"{len(prep.data.items)} books, {len(prep.data.users)} users; "
+           f"test users {len(prep.test)} (skipped without training history: "
+           f"{prep.test.skipped_no_history}). Full-corpus ranking, training "
+           "books masked.", "", "## Test metrics", "",
+           experiment.table(metrics), "", "### All cut-offs", "",
+           experiment.table(metrics, cols + ["mrr"]), "",
+           "## Loss curves", "",
+           f"TensorBoard: `tensorboard --logdir {model_dir}/tensorboard` "
+           "(every loss term, learning rate, validation metrics, and the "
+           "item embedding projector).", ""]
+  lines += curves(results)
+  for name in ("dat", "dat_no_cal", "two_tower"):
+    if name in built:
+      lines += [f"## Embedding diagnostics ({name})", ""]
+      lines += diagnostics(prep, built[name], results[name]) + [""]
+  if "dat" in built:
+    lines += ["## Example recommendations (dat)", ""]
+    lines += examples(prep, built["dat"])
+  path = os.path.join(model_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

@@ -1,0 +1,284 @@
+"""Builds, trains and evaluates one model variant; no flags are read here.
+
+A variant lives in its own directory with its checkpoints (resumable
+through `tf.keras.callbacks.BackupAndRestore`), its best weights (by the
+validation early-stopping metric, computed over the full corpus), its
+TensorBoard logs and a `result.json`. A finished variant is not retrained
+when the same run is started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+
+from tt_mimic import data as data_lib
+from tt_mimic import evaluation
+from tt_mimic import features
+from tt_mimic import ingest
+from tt_mimic import model as model_lib
+from tt_mimic import towers
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimization and early stopping.
+
+  Attributes:
+    batch_size: training examples per step.
+    epochs: maximum epochs.
+    optimizer: "adam", "adagrad" or "adamw".
+    learning_rate: optimizer step size.
+    weight_decay: adamw's decoupled weight decay.
+    early_stopping_metric: validation metric watched, e.g. "recall@20".
+    patience: epochs without improvement before stopping (0 = never stop).
+    eval_batch_size: users scored at once in evaluation.
+    eval_max_users: cap on evaluated users per split (0 = all).
+    seed: seeds TF, NumPy and the shuffle.
+    verbose: Keras progress output (0 none, 1 bar, 2 a line per epoch).
+  """
+  batch_size: int = 256
+  epochs: int = 10
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  weight_decay: float = 1e-4
+  early_stopping_metric: str = "recall@20"
+  patience: int = 2
+  eval_batch_size: int = 256
+  eval_max_users: int = 20000
+  seed: int = 42
+  verbose: int = 1
+
+
+@dataclasses.dataclass
+class Prepared:
+  """Everything derived once from the ingested data, shared by variants."""
+  data: ingest.Ingested
+  vocab: features.Vocabularies
+  feature_config: features.FeatureConfig
+  preprocessor: features.ItemPreprocessor
+  item_table: dict
+  sequence: data_lib.TrainSequence
+  user_id_index: np.ndarray
+  item_probability: np.ndarray
+  val: data_lib.EvalSet
+  test: data_lib.EvalSet
+
+
+def prepare(data: ingest.Ingested, feature_config: features.FeatureConfig,
+            train_config: TrainConfig) -> Prepared:
+  """Vocabularies, item table, training sequence and evaluation sets."""
+  vocab = features.build_vocabularies(data, feature_config)
+  preprocessor = features.make_preprocessor(vocab, feature_config)
+  table = features.build_item_table(data.items, preprocessor, feature_config)
+  for name, values in table.items():
+    if not np.all(np.isfinite(values)):
+      raise ValueError(f"Item feature '{name}' has non-finite values after "
+                       "preprocessing; check the numeric columns.")
+  train = data.events[data.events["split"] == ingest.SPLIT_TRAIN]
+  num_users = len(data.users)
+  trained_users = np.zeros(num_users + 1, bool)
+  trained_users[train["user"].to_numpy()] = True
+  user_id_index = np.where(trained_users, np.arange(num_users + 1), 0)
+  counts = np.r_[0, data.items["train_count"].to_numpy()].astype(np.float64)
+  probability = counts / counts.sum()
+  h = feature_config.history_length
+  make = lambda split: data_lib.eval_set(  # noqa: E731
+      data.events, split, user_id_index, h, train_config.eval_max_users,
+      train_config.seed)
+  return Prepared(data=data, vocab=vocab, feature_config=feature_config,
+                  preprocessor=preprocessor, item_table=table,
+                  sequence=data_lib.train_sequence(data.events),
+                  user_id_index=user_id_index,
+                  item_probability=probability.astype(np.float32),
+                  val=make(ingest.SPLIT_VAL), test=make(ingest.SPLIT_TEST))
+
+
+@dataclasses.dataclass
+class Built:
+  model: model_lib.DATModel
+  user_tower: towers.UserTower
+  item_tower: towers.ItemTower
+  encoder: model_lib.ItemIndexEncoder
+
+
+def build(prep: Prepared, tower_config: towers.TowerConfig,
+          loss_config: model_lib.LossConfig) -> Built:
+  """The towers and the DAT model for one variant."""
+  sizes = prep.vocab.sizes()
+  table = towers.make_item_table(prep.item_table)
+  metadata = towers.ItemFeatureEmbedding(sizes, tower_config.embedding_dim,
+                                         name="item_metadata")
+  item_tower = towers.ItemTower(sizes, tower_config, metadata,
+                                name="item_tower")
+  user_tower = towers.UserTower(sizes, tower_config, table, metadata,
+                                name="user_tower")
+  encoder = model_lib.ItemIndexEncoder(item_tower, table, name="item_encoder")
+  model = model_lib.DATModel(user_tower, encoder, prep.item_probability,
+                             loss_config)
+  return Built(model, user_tower, item_tower, encoder)
+
+
+def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
+                    batch_size: int = 8192) -> np.ndarray:
+  """[num_items + 1, dim] embeddings of the whole corpus; row 0 is zeros."""
+  parts = []
+  for start in range(1, num_items + 1, batch_size):
+    ids = tf.range(start, min(start + batch_size, num_items + 1), dtype=tf.int64)
+    parts.append(encoder(ids)[0].numpy())
+  out = np.concatenate(parts)
+  return np.concatenate([np.zeros_like(out[:1]), out])
+
+
+def model_scorer(built: Built, num_items: int) -> callable:
+  embeddings = item_embeddings(built.encoder, num_items)
+  query = lambda batch: built.user_tower(batch)[0]  # noqa: E731
+  return evaluation.embedding_scorer(query, embeddings)
+
+
+def make_optimizer(config: TrainConfig) -> tf.keras.optimizers.Optimizer:
+  if config.optimizer == "adam":
+    return tf.keras.optimizers.Adam(config.learning_rate)
+  if config.optimizer == "adagrad":
+    return tf.keras.optimizers.Adagrad(config.learning_rate)
+  if config.optimizer == "adamw":
+    return tf.keras.optimizers.AdamW(config.learning_rate,
+                                     weight_decay=config.weight_decay)
+  raise ValueError(f"Unknown optimizer {config.optimizer!r}; expected adam, "
+                   "adagrad or adamw.")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term became NaN or infinite during training."""
+
+
+class FullCorpusValidation(tf.keras.callbacks.Callback):
+  """Validation over the full corpus each epoch, early stopping, best weights.
+
+  Its state lives in `<directory>/early_stopping.json` and the best weights
+  in `<directory>/best/`, so a resumed run continues where it stopped.
+  """
+
+  def __init__(self, built: Built, prep: Prepared, config: TrainConfig,
+               directory: str, writer):
+    super().__init__()
+    self.built, self.prep, self.config = built, prep, config
+    self.directory = directory
+    self.state_path = os.path.join(directory, "early_stopping.json")
+    self.best_path = os.path.join(directory, "best", "weights")
+    self.writer = writer
+    self.state = {"best": -1.0, "best_epoch": -1, "wait": 0, "history": []}
+
+  def on_train_begin(self, logs=None):
+    if os.path.exists(self.state_path):
+      with open(self.state_path) as f:
+        self.state = json.load(f)
+
+  def on_epoch_end(self, epoch, logs=None):
+    if any(h["epoch"] == epoch + 1 for h in self.state["history"]):
+      return  # already validated before a resume
+    scorer = model_scorer(self.built, len(self.prep.data.items))
+    metrics = evaluation.evaluate(scorer, self.prep.val,
+                                  batch_size=self.config.eval_batch_size)
+    value = metrics[self.config.early_stopping_metric]
+    entry = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+             **{f"val_{k}": float(v) for k, v in metrics.items()}}
+    self.state["history"].append(entry)
+    with self.writer.as_default(step=epoch + 1):
+      for name in ("recall@20", "ndcg@20", "recall@100", "mrr"):
+        tf.summary.scalar(f"validation/{name}", metrics[name])
+      lr = self.model.optimizer.learning_rate
+      tf.summary.scalar("learning_rate", float(tf.keras.backend.get_value(lr)))
+    if value > self.state["best"]:
+      self.state.update(best=float(value), best_epoch=epoch + 1, wait=0)
+      self.built.model.save_weights(self.best_path)
+    else:
+      self.state["wait"] += 1
+      if self.config.patience and self.state["wait"] >= self.config.patience:
+        self.model.stop_training = True
+    logging.info("epoch %d: validation %s = %.4f (best %.4f at epoch %d)",
+                 epoch + 1, self.config.early_stopping_metric, value,
+                 self.state["best"], self.state["best_epoch"])
+    with open(self.state_path, "w") as f:
+      json.dump(self.state, f, indent=1)
+
+
+def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
+                  loss_config: model_lib.LossConfig, config: TrainConfig,
+                  directory: str,
+                  tensorboard_dir: str | None = None) -> tuple[Built, dict]:
+  """Trains (or resumes, or reloads) one variant and evaluates it on test.
+
+  Returns:
+    The built model holding the best weights, and its result dict with
+    `test` metrics, `history` (per-epoch losses and validation metrics),
+    `best_epoch` and `seconds`.
+  """
+  os.makedirs(directory, exist_ok=True)
+  tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
+  tf.keras.utils.set_random_seed(config.seed)
+  built = build(prep, tower_config, loss_config)
+  built.model.compile(optimizer=make_optimizer(config))
+  result_path = os.path.join(directory, "result.json")
+  validation = FullCorpusValidation(
+      built, prep, config, directory,
+      tf.summary.create_file_writer(os.path.join(tensorboard_dir,
+                                                 "validation")))
+  start = time.time()
+  if os.path.exists(result_path):
+    logging.info("[%s] finished earlier; reloading its best weights.", name)
+    with open(result_path) as f:
+      result = json.load(f)
+    built.model.compute_loss(_dummy_batch(prep))  # creates the variables
+  else:
+    dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
+                                     prep.feature_config.history_length,
+                                     config.batch_size, config.seed)
+    callbacks = [
+        tf.keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
+        validation,
+        tf.keras.callbacks.TensorBoard(tensorboard_dir,
+                                       update_freq="epoch", profile_batch=0),
+    ]
+    logging.info("[%s] training: %d events, batch %d, up to %d epochs", name,
+                 len(prep.sequence), config.batch_size, config.epochs)
+    built.model.compute_loss(_dummy_batch(prep))  # creates the variables
+    built.model.built = True  # lets BackupAndRestore restore the optimizer
+    try:
+      built.model.fit(dataset, epochs=config.epochs, callbacks=callbacks,
+                      verbose=config.verbose)
+    except tf.errors.InvalidArgumentError as e:
+      if "non-finite" not in e.message:
+        raise
+      raise NonFiniteLossError(
+          f"[{name}] training diverged: {e.message.splitlines()[0]}. Lower "
+          "--learning_rate or raise --temperature; no metric is reported "
+          "for this run.") from None
+    result = {"history": validation.state["history"],
+              "best_epoch": validation.state["best_epoch"]}
+  if result["best_epoch"] < 1:
+    raise evaluation.DivergedError(f"[{name}] no epoch finished validation.")
+  built.model.load_weights(validation.best_path).expect_partial()
+  if "test" not in result:
+    scorer = model_scorer(built, len(prep.data.items))
+    result["test"] = evaluation.evaluate(scorer, prep.test,
+                                         batch_size=config.eval_batch_size)
+    result["seconds"] = round(time.time() - start, 1)
+    with open(result_path, "w") as f:
+      json.dump(result, f, indent=1)
+  return built, result
+
+
+def _dummy_batch(prep: Prepared) -> dict:
+  h = prep.feature_config.history_length
+  return {"user_id": tf.constant([1, 2], tf.int64),
+          "history": tf.zeros([2, h], tf.int64),
+          "item": tf.constant([1, 2], tf.int64)}

@@ -1,0 +1,175 @@
+"""The two towers of the DAT model.
+
+Item tower input z_v = [e(item id) | e(author) | mean e(categories) |
+mean e(title tokens) | normalized numerics | a_v]; user tower input
+z_u = [e(user id) | pooled features of the user's earlier books | a_u].
+Each tower is a ReLU MLP followed by L2 normalization (DAT, Yu et al. 2021,
+section 3). a_u and a_v are the adaptive-mimic vectors, one per id, with
+the towers' output dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+  """Sizes of the towers.
+
+  Attributes:
+    embedding_dim: width of every id/feature embedding.
+    hidden_units: widths of the ReLU layers of each tower's MLP.
+    output_dim: width of the final (L2-normalized) embedding and of a_u/a_v.
+    dropout: dropout rate after each hidden layer.
+    use_amm: whether the augmented vectors a_u, a_v exist.
+    user_id_dropout: training-time probability of replacing the user id by
+      the unknown id, so the tower also learns to serve unseen users from
+      their history alone.
+  """
+  embedding_dim: int = 64
+  hidden_units: tuple[int, ...] = (256,)
+  output_dim: int = 64
+  dropout: float = 0.0
+  use_amm: bool = True
+  user_id_dropout: float = 0.1
+
+
+def _embedding(rows: int, dim: int, name: str) -> tf.keras.layers.Embedding:
+  return tf.keras.layers.Embedding(
+      rows, dim, name=name,
+      embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+
+
+def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
+  layers = []
+  for units in config.hidden_units:
+    layers.append(tf.keras.layers.Dense(units, activation="relu"))
+    if config.dropout:
+      layers.append(tf.keras.layers.Dropout(config.dropout))
+  layers.append(tf.keras.layers.Dense(config.output_dim))
+  return tf.keras.Sequential(layers, name=name)
+
+
+def masked_mean(embedded: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+  """Mean of embedded[..., j, :] over positions with ids != 0.
+
+  Args:
+    embedded: [..., n, dim] embeddings.
+    ids: [..., n] integer ids, 0 = padding.
+
+  Returns:
+    [..., dim]; zeros where every position is padding.
+  """
+  mask = tf.cast(ids != 0, embedded.dtype)[..., None]
+  total = tf.reduce_sum(embedded * mask, axis=-2)
+  return tf.math.divide_no_nan(total, tf.reduce_sum(mask, axis=-2))
+
+
+def make_item_table(arrays: dict) -> dict:
+  """The item feature table as non-trainable variables (saved, not trained)."""
+  return {k: tf.Variable(v, trainable=False, name=f"item_table_{k}")
+          for k, v in arrays.items()}
+
+
+class ItemFeatureEmbedding(tf.keras.layers.Layer):
+  """Item metadata (author, categories, title) -> one concatenated vector.
+
+  Shared by the item tower and by the user tower's history pooling.
+  """
+
+  def __init__(self, sizes: dict, dim: int, **kwargs):
+    super().__init__(**kwargs)
+    self.author = _embedding(sizes["authors"] + 2, dim, "author")
+    self.category = _embedding(sizes["categories"] + 2, dim, "category")
+    self.title = _embedding(sizes["title_tokens"] + 2, dim, "title_token")
+
+  def call(self, author, categories, title):
+    """author: [...]; categories: [..., c]; title: [..., t] -> [..., 3 dim]."""
+    return tf.concat([self.author(author),
+                      masked_mean(self.category(categories), categories),
+                      masked_mean(self.title(title), title)], axis=-1)
+
+
+class ItemTower(tf.keras.Model):
+  """Preprocessed item features -> (p_v, a_v).
+
+  Inputs: a dict with `id` [batch] (item-id embedding index, 0 = unknown),
+  `author` [batch], `categories` [batch, c], `title` [batch, t],
+  `numeric` [batch, f] (see features.ItemPreprocessor).
+  """
+
+  def __init__(self, sizes: dict, config: TowerConfig,
+               metadata: ItemFeatureEmbedding, **kwargs):
+    super().__init__(**kwargs)
+    self.config = config
+    self.item_id = _embedding(sizes["items"] + 1, config.embedding_dim,
+                              "item_id")
+    self.metadata = metadata
+    self.augmented = (_embedding(sizes["items"] + 1, config.output_dim, "a_v")
+                      if config.use_amm else None)
+    self.mlp = _mlp(config, "item_mlp")
+
+  def call(self, features, training=False):
+    ids = features["id"]
+    parts = [self.item_id(ids),
+             self.metadata(features["author"], features["categories"],
+                           features["title"]),
+             tf.cast(features["numeric"], tf.float32)]
+    augmented = None
+    if self.augmented is not None:
+      augmented = self.augmented(ids)
+      parts.append(augmented)
+    output = self.mlp(tf.concat(parts, axis=-1), training=training)
+    return tf.math.l2_normalize(output, axis=-1), augmented
+
+
+class UserTower(tf.keras.Model):
+  """User id and history of corpus item indices -> (p_u, a_u).
+
+  Inputs: a dict with `user_id` [batch] (0 = unknown user) and `history`
+  [batch, h] corpus item indices, most recent first, 0 = padding. The
+  history's ids and metadata are gathered from `item_table` (a dict of
+  non-trainable variables, see `make_item_table`).
+  """
+
+  def __init__(self, sizes: dict, config: TowerConfig, item_table: dict,
+               metadata: ItemFeatureEmbedding, **kwargs):
+    super().__init__(**kwargs)
+    self.config = config
+    self.table = item_table
+    self.user_id = _embedding(sizes["users"] + 1, config.embedding_dim,
+                              "user_id")
+    self.history_id = _embedding(sizes["items"] + 1, config.embedding_dim,
+                                 "history_item_id")
+    self.metadata = metadata
+    self.augmented = (_embedding(sizes["users"] + 1, config.output_dim, "a_u")
+                      if config.use_amm else None)
+    self.mlp = _mlp(config, "user_mlp")
+
+  def call(self, features, training=False):
+    user = tf.cast(features["user_id"], tf.int64)
+    if training and self.config.user_id_dropout > 0:
+      drop = tf.random.uniform(tf.shape(user)) < self.config.user_id_dropout
+      user = tf.where(drop, tf.zeros_like(user), user)
+    history = tf.cast(features["history"], tf.int64)
+    valid = tf.cast(history != 0, tf.float32)
+    ids = tf.gather(self.table["id"], history)
+    meta = self.metadata(tf.gather(self.table["author"], history),
+                         tf.gather(self.table["categories"], history),
+                         tf.gather(self.table["title"], history))
+    pooled = tf.concat([self.history_id(ids), meta], axis=-1)
+    pooled = tf.math.divide_no_nan(
+        tf.reduce_sum(pooled * valid[..., None], axis=1),
+        tf.reduce_sum(valid, axis=1, keepdims=True))
+    count = tf.math.log1p(tf.reduce_sum(valid, axis=1, keepdims=True))
+    parts = [self.user_id(user), pooled, count]
+    augmented = None
+    if self.augmented is not None:
+      augmented = self.augmented(user)
+      parts.append(augmented)
+    output = self.mlp(tf.concat(parts, axis=-1), training=training)
+    return tf.math.l2_normalize(output, axis=-1), augmented
