@@ -50,3 +50,28 @@ def ingest_config():
       min_item_interactions=MIN_ITEM_INTERACTIONS.value,
       split=SPLIT.value, split_cutoff_ms=SPLIT_CUTOFF_MS.value,
       val_fraction=VAL_FRACTION.value)
+
+# export
+EXPORT_K = flags.DEFINE_integer("export_k", 100, "Results per query of the "
+                                "exported indexes.", lower_bound=1)
+MAX_EXCLUSIONS = flags.DEFINE_integer(
+    "max_exclusions", 100, "Extra results retrieved so that excluded books "
+    "can be dropped.", lower_bound=0)
+SCANN_NUM_LEAVES = flags.DEFINE_integer(
+    "scann_num_leaves", 0, "ScaNN leaves (0 = from corpus size).",
+    lower_bound=0)
+SCANN_LEAVES_TO_SEARCH = flags.DEFINE_integer(
+    "scann_leaves_to_search", 0, "ScaNN leaves searched (0 = from corpus "
+    "size).", lower_bound=0)
+SCANN_REORDER = flags.DEFINE_integer(
+    "scann_reorder", 0, "ScaNN exact reordering candidates (0 = from corpus "
+    "size).", lower_bound=0)
+
+
+def export_config():
+  from tt_mimic import export  # pylint: disable=g-import-not-at-top
+  return export.ExportConfig(
+      k=EXPORT_K.value, max_exclusions=MAX_EXCLUSIONS.value,
+      scann_num_leaves=SCANN_NUM_LEAVES.value,
+      scann_leaves_to_search=SCANN_LEAVES_TO_SEARCH.value,
+      scann_reorder=SCANN_REORDER.value)

@@ -160,7 +160,7 @@ def main(argv):
   report.write(model_dir, prep, metrics, results, built)
   if EXPORT.value and "dat" in built:
     from tt_mimic import export  # pylint: disable=g-import-not-at-top
-    export.export_run(model_dir, prep, built["dat"])
+    export.export_run(model_dir, prep, built["dat"], cli_flags.export_config())
     if RECOMMEND_K.value:
       from tt_mimic import recommend  # pylint: disable=g-import-not-at-top
       recommend.print_example(model_dir, prep, RECOMMEND_K.value)

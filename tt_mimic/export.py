@@ -1,0 +1,394 @@
+"""SavedModel export: query and candidate towers, ScaNN and brute-force indexes.
+
+Layout under `<model_dir>/export/`:
+  query/              user_id (+ optional history of parent_asins) -> embedding
+  candidate/          raw book metadata -> embedding
+  index_brute_force/  user_id (+ history, exclusions) -> parent_asin, scores
+  index_scann/        the same through ScaNN (load after `import scann`)
+  items.parquet       corpus metadata, row-aligned with embeddings.npy
+  embeddings.npy      candidate embeddings of the corpus
+  seen.parquet        every known (userId, parent_asin) pair, for exclusions
+  export.json         k, ScaNN parameters, measured ScaNN/brute-force agreement
+
+Each SavedModel holds the Keras preprocessing layers, so it takes raw
+strings. Unknown users with no history get the popularity list from the
+index models, never an error. Re-export an existing run with
+`python -m tt_mimic.export --model_dir=<run>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+from absl import logging
+import numpy as np
+import pandas as pd
+
+import tt_mimic  # noqa: F401
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tt_mimic import features
+from tt_mimic import ingest
+
+try:
+  import scann  # noqa: F401  pylint: disable=unused-import
+  HAVE_SCANN = True
+except ImportError:  # pragma: no cover - scann is a pinned dependency
+  HAVE_SCANN = False
+
+SCANN_SAVE_OPTIONS = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """What the exported indexes return and how ScaNN is built.
+
+  Attributes:
+    k: results per query.
+    max_exclusions: extra results retrieved so that up to this many excluded
+      books can be dropped and k still returned.
+    scann_num_leaves, scann_leaves_to_search, scann_reorder: ScaNN
+      parameters; 0 picks them from the corpus size (`scann_params`).
+  """
+  k: int = 100
+  max_exclusions: int = 100
+  scann_num_leaves: int = 0
+  scann_leaves_to_search: int = 0
+  scann_reorder: int = 0
+
+
+def scann_params(num_items: int, config: ExportConfig) -> dict:
+  """ScaNN tree and reordering sizes for a corpus of `num_items` books.
+
+  About sqrt(N) leaves; searching a share of them that falls with N (half
+  of a 10k corpus, 5% of millions, but always enough leaves to hold eight
+  times the results retrieved) and exact reordering of several times the
+  number of results keep ScaNN's top-k close to brute force while the cost
+  grows sub-linearly.
+  """
+  retrieve = config.k + config.max_exclusions
+  leaves = config.scann_num_leaves or max(1, min(int(round(math.sqrt(num_items))),
+                                                 num_items // 10 or 1, 2000))
+  share = 0.5 if num_items <= 10_000 else 0.1 if num_items <= 10**6 else 0.05
+  # Searched leaves must hold several times the results asked for.
+  share = min(1.0, max(share, 8.0 * retrieve / max(num_items, 1)))
+  search = config.scann_leaves_to_search or max(1, min(leaves, math.ceil(
+      leaves * share)))
+  reorder = config.scann_reorder or min(num_items, max(4 * retrieve, 500))
+  return {"num_leaves": int(leaves), "num_leaves_to_search": int(search),
+          "num_reordering_candidates": int(reorder)}
+
+
+def compact_history(ids: tf.Tensor, length: int) -> tf.Tensor:
+  """[batch, n] ids in time order (0 = none) -> [batch, length] most recent first."""
+  reversed_ids = tf.reverse(ids, axis=[1])
+  order = tf.argsort(tf.cast(reversed_ids == 0, tf.int32), axis=1, stable=True)
+  packed = tf.gather(reversed_ids, order, batch_dims=1)
+  pad = tf.maximum(length - tf.shape(packed)[1], 0)
+  return tf.pad(packed, [[0, 0], [0, pad]])[:, :length]
+
+
+class QueryModule(tf.Module):
+  """Raw user ids (and optional histories) -> user embeddings."""
+
+  def __init__(self, user_tower, users, items, user_id_index, user_history):
+    super().__init__()
+    self.user_lookup = tf.keras.layers.StringLookup(
+        vocabulary=list(users), mask_token=None, num_oov_indices=1)
+    self.item_lookup = tf.keras.layers.StringLookup(
+        vocabulary=list(items), mask_token=None, num_oov_indices=1)
+    self.user_id_index = tf.Variable(user_id_index, trainable=False)
+    self.user_history = tf.Variable(user_history, trainable=False)
+    self.tower = user_tower
+    self.history_length = int(user_history.shape[1])
+
+  def _embed(self, user_id, history):
+    user = self.user_lookup(user_id)
+    given = compact_history(self.item_lookup(history), self.history_length)
+    use_given = tf.reduce_any(given != 0, axis=1)
+    stored = tf.gather(self.user_history, user)
+    hist = tf.where(use_given[:, None], given, stored)
+    known = tf.logical_or(user != 0, use_given)
+    embedding, _ = self.tower({"user_id": tf.gather(self.user_id_index, user),
+                               "history": hist})
+    return {"embedding": embedding, "known": known}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
+  def serving_default(self, user_id):
+    return self._embed(user_id, tf.fill([tf.shape(user_id)[0], 1], ""))
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, "user_id"),
+      tf.TensorSpec([None, None], tf.string, "history")])
+  def with_history(self, user_id, history):
+    return self._embed(user_id, history)
+
+
+class CandidateModule(tf.Module):
+  """Raw book metadata -> candidate embeddings."""
+
+  def __init__(self, preprocessor, item_tower, id_table):
+    super().__init__()
+    self.preprocessor = preprocessor
+    self.tower = item_tower
+    self.id_table = tf.Variable(id_table, trainable=False)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, "parent_asin"),
+      tf.TensorSpec([None], tf.string, "title"),
+      tf.TensorSpec([None], tf.string, "author"),
+      tf.TensorSpec([None, None], tf.string, "categories"),
+      tf.TensorSpec([None], tf.float32, "average_rating"),
+      tf.TensorSpec([None], tf.float32, "rating_number"),
+      tf.TensorSpec([None], tf.float32, "price")])
+  def serving_default(self, parent_asin, title, author, categories,
+                      average_rating, rating_number, price):
+    raw = {"parent_asin": parent_asin, "title": title, "author": author,
+           "categories": categories, "average_rating": average_rating,
+           "rating_number": rating_number, "price": price}
+    x = self.preprocessor(raw)
+    x["id"] = tf.gather(self.id_table, x.pop("item"))
+    embedding, _ = self.tower(x)
+    return {"embedding": embedding}
+
+
+def _drop_excluded(ids, scores, exclude, k):
+  """Removes `exclude`d identifiers per row and keeps the best k left."""
+  hit = tf.reduce_any(ids[:, :, None] == exclude[:, None, :], axis=-1)
+  # ScaNN pads with NaN scores when its searched leaves hold too few books.
+  hit = tf.logical_or(hit, tf.logical_or(ids == "",
+                                         tf.logical_not(tf.math.is_finite(scores))))
+  scores = tf.where(hit, tf.constant(-np.inf, scores.dtype), scores)
+  order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)[:, :k]
+  ids = tf.gather(ids, order, batch_dims=1)
+  scores = tf.gather(scores, order, batch_dims=1)
+  return tf.where(tf.math.is_finite(scores), ids, ""), scores
+
+
+class IndexModule(tf.Module):
+  """user_id (+ history, exclusions) -> top-k parent_asins and scores."""
+
+  def __init__(self, query, layer, popular_ids, popular_scores, k, retrieve):
+    super().__init__()
+    self.query = query
+    self.layer = layer
+    self.popular_ids = tf.constant(popular_ids)
+    self.popular_scores = tf.constant(popular_scores, tf.float32)
+    self.k, self.retrieve = k, retrieve
+
+  def _answer(self, q, exclude):
+    scores, ids = self.layer(q["embedding"], k=self.retrieve)
+    ids, scores = _drop_excluded(ids, scores, exclude, self.k)
+    n = tf.shape(ids)[0]
+    pop_ids = tf.tile(self.popular_ids[None, :self.k], [n, 1])
+    pop_scores = tf.tile(self.popular_scores[None, :self.k], [n, 1])
+    known = q["known"][:, None]
+    shape = [None, self.k]
+    return {"parent_asin": tf.ensure_shape(tf.where(known, ids, pop_ids), shape),
+            "scores": tf.ensure_shape(tf.where(known, scores, pop_scores),
+                                      shape)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
+  def serving_default(self, user_id):
+    q = self.query.serving_default(user_id)
+    return self._answer(q, tf.fill([tf.shape(user_id)[0], 1], ""))
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, "user_id"),
+      tf.TensorSpec([None, None], tf.string, "history"),
+      tf.TensorSpec([None, None], tf.string, "exclude")])
+  def with_history(self, user_id, history, exclude):
+    return self._answer(self.query.with_history(user_id, history), exclude)
+
+
+def _signatures(module):
+  out = {"serving_default": module.serving_default}
+  if hasattr(module, "with_history"):
+    out["with_history"] = module.with_history
+  return out
+
+
+def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
+                  popularity: np.ndarray, config: ExportConfig,
+                  directory: str, queries: np.ndarray | None = None) -> dict:
+  """Builds, saves and cross-checks the brute-force and ScaNN indexes.
+
+  Args:
+    query: a QueryModule (or a loaded query SavedModel).
+    embeddings: [n, dim] candidate embeddings.
+    identifiers: [n] parent_asins.
+    popularity: [n] training counts, for the unknown-user fallback.
+    config: sizes and ScaNN parameters.
+    directory: the export directory.
+    queries: [m, dim] user embeddings to measure ScaNN against brute force
+      (default: a sample of the candidate embeddings).
+
+  Returns:
+    ScaNN parameters and the measured top-k agreement with brute force.
+  """
+  n = len(identifiers)
+  k = min(config.k, n)
+  retrieve = min(config.k + config.max_exclusions, n)
+  ids = tf.constant(identifiers.astype(str))
+  vectors = tf.constant(embeddings, tf.float32)
+  order = np.argsort(-popularity, kind="stable")[:k]
+  total = max(float(popularity.sum()), 1.0)
+  pop_ids, pop_scores = identifiers[order].astype(str), popularity[order] / total
+  brute = tfrs.layers.factorized_top_k.BruteForce(k=retrieve)
+  brute.index(vectors, ids)
+  brute_module = IndexModule(query, brute, pop_ids, pop_scores, k, retrieve)
+  _save(brute_module, os.path.join(directory, "index_brute_force"))
+  info = {"k": k, "retrieve": retrieve, "items": n}
+  if not HAVE_SCANN:
+    logging.warning("scann is not importable; index_scann is not exported.")
+    return info
+  params = scann_params(n, dataclasses.replace(config, k=k))
+  scann_layer = tfrs.layers.factorized_top_k.ScaNN(
+      k=retrieve, distance_measure="dot_product", **params)
+  scann_layer.index(vectors, ids)
+  scann_module = IndexModule(query, scann_layer, pop_ids, pop_scores, k,
+                             retrieve)
+  _save(scann_module, os.path.join(directory, "index_scann"),
+        SCANN_SAVE_OPTIONS)
+  info["scann"] = params
+  queries = vectors if queries is None else tf.constant(queries, tf.float32)
+  info["scann_agreement_at_k"] = agreement(queries, brute, scann_layer, k)
+  logging.info("ScaNN %s: top-%d agreement with brute force %.4f", params, k,
+               info["scann_agreement_at_k"])
+  return info
+
+
+def agreement(vectors, exact, approximate, k, sample: int = 1000) -> float:
+  """Mean share of the exact top-k found by the approximate index.
+
+  Args:
+    vectors: [m, dim] queries; a sample of `sample` rows is used.
+    exact, approximate: top-k layers, called as layer(queries, k=k).
+    k: the cut-off.
+  """
+  rng = np.random.default_rng(0)
+  rows = rng.choice(int(vectors.shape[0]), min(sample, int(vectors.shape[0])),
+                    replace=False)
+  q = tf.gather(vectors, rows)
+  _, a = exact(q, k=k)
+  _, b = approximate(q, k=k)
+  a, b = a.numpy(), b.numpy()
+  return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
+def _save(module, path, options=None):
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  tf.saved_model.save(module, path, signatures=_signatures(module),
+                      options=options)
+
+
+def user_histories(events: pd.DataFrame, num_users: int,
+                   length: int) -> np.ndarray:
+  """[num_users + 1, length] every user's most recent known books.
+
+  Serving may use all of a user's known events (the evaluation never does:
+  it builds features from training events only).
+  """
+  user = events["user"].to_numpy(np.int64)
+  item = events["item"].to_numpy(np.int64)
+  end = np.searchsorted(user, np.arange(num_users + 1), "right")
+  start = np.searchsorted(user, np.arange(num_users + 1), "left")
+  out = np.zeros((num_users + 1, length), np.int64)
+  for j in range(length):
+    at = end - 1 - j
+    ok = at >= start
+    out[ok, j] = item[at[ok]]
+  return out
+
+
+def export_run(model_dir: str, prep, built, config: ExportConfig = ExportConfig()
+               ) -> str:
+  """Exports the trained model of a run; returns the export directory."""
+  directory = os.path.join(model_dir, "export")
+  os.makedirs(directory, exist_ok=True)
+  data = prep.data
+  history = user_histories(data.events, len(data.users),
+                           prep.feature_config.history_length)
+  query = QueryModule(built.user_tower, data.users, data.items["parent_asin"],
+                      prep.user_id_index, history)
+  _save(query, os.path.join(directory, "query"))
+  candidate = CandidateModule(prep.preprocessor, built.item_tower,
+                              prep.item_table["id"])
+  _save(candidate, os.path.join(directory, "candidate"))
+  from tt_mimic import runner  # pylint: disable=g-import-not-at-top
+  embeddings = runner.item_embeddings(built.encoder, len(data.items))[1:]
+  items = data.items[["parent_asin", "title", "author", "categories",
+                      "average_rating", "rating_number", "price",
+                      "train_count"]].copy()
+  items.to_parquet(os.path.join(directory, "items.parquet"))
+  np.save(os.path.join(directory, "embeddings.npy"), embeddings)
+  seen = pd.DataFrame({
+      "userId": data.users[data.events["user"].to_numpy() - 1],
+      "parent_asin": data.items["parent_asin"].to_numpy()[
+          data.events["item"].to_numpy() - 1]})
+  seen.to_parquet(os.path.join(directory, "seen.parquet"))
+  sample = np.random.default_rng(0).choice(
+      len(data.users), min(1000, len(data.users)), replace=False)
+  queries = query.serving_default(
+      tf.constant(data.users[sample].astype(str)))["embedding"].numpy()
+  info = build_indexes(query, embeddings, items["parent_asin"].to_numpy(),
+                       items["train_count"].to_numpy(np.float64), config,
+                       directory, queries)
+  info["history_length"] = prep.feature_config.history_length
+  with open(os.path.join(directory, "export.json"), "w") as f:
+    json.dump(info, f, indent=2)
+  logging.info("Exported %s", directory)
+  return directory
+
+
+def load_trained(model_dir: str):
+  """Rebuilds a finished run's data and DAT model from its directory.
+
+  Uses `<model_dir>/flags.cfg`, the ingest cache and the best weights of
+  `<model_dir>/variants/dat`. Must be called after the training flags are
+  defined (importing tt_mimic.train defines them).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tt_mimic import cli_flags, runner, train  # pylint: disable=g-import-not-at-top
+  flag_path = os.path.join(model_dir, "flags.cfg")
+  weights = os.path.join(model_dir, "variants", "dat", "best", "weights.index")
+  for path in (flag_path, weights):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: is {model_dir} a finished "
+                              "training run (python -m tt_mimic.train)?")
+  flags.FLAGS(["export", f"--flagfile={flag_path}",
+               f"--model_dir={model_dir}"])
+  feature, tower, loss, train_config = train.configs()
+  data = ingest.run_cached(cli_flags.ingest_config(), model_dir,
+                           cli_flags.CACHE_DIR.value)
+  prep = runner.prepare(data, feature, train_config)
+  from tt_mimic import experiment  # pylint: disable=g-import-not-at-top
+  tower, loss = experiment.variant_configs("dat", tower, loss)
+  built = runner.build(prep, tower, loss)
+  built.model.compute_loss(runner.dummy_batch(prep))
+  built.model.load_weights(weights[:-len(".index")]).expect_partial()
+  return prep, built
+
+
+def main(argv):
+  del argv
+  from tt_mimic import cli_flags  # pylint: disable=g-import-not-at-top
+  model_dir = cli_flags.MODEL_DIR.value
+  config = cli_flags.export_config()
+  try:
+    prep, built = load_trained(model_dir)
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
+  export_run(model_dir, prep, built, config)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from tt_mimic import train  # noqa: F401  (defines every flag)
+  app.run(main)
