@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 from absl import logging
@@ -222,7 +223,11 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
     `test` metrics, `history` (per-epoch losses and validation metrics),
     `best_epoch` and `seconds`.
   """
-  os.makedirs(directory, exist_ok=True)
+  _claim(directory, {"tower": dataclasses.asdict(tower_config),
+                      "loss": dataclasses.asdict(loss_config),
+                      "train": {**dataclasses.asdict(config), "verbose": 0},
+                      "features": dataclasses.asdict(prep.feature_config),
+                      "data": prep.data.report.get("config", {})})
   tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
   tf.keras.utils.set_random_seed(config.seed)
   built = build(prep, tower_config, loss_config)
@@ -275,6 +280,26 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
     with open(result_path, "w") as f:
       json.dump(result, f, indent=1)
   return built, result
+
+
+def _claim(directory: str, settings: dict) -> None:
+  """Keeps a variant directory only if it was made with the same settings.
+
+  A finished or interrupted run is resumed only when every setting that
+  shapes the result matches; otherwise its directory is cleared.
+  """
+  path = os.path.join(directory, "settings.json")
+  text = json.dumps(settings, sort_keys=True, indent=1, default=str)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    logging.warning("%s was trained with other settings; starting over.",
+                    directory)
+    shutil.rmtree(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
 
 
 def dummy_batch(prep: Prepared) -> dict:
