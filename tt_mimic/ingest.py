@@ -121,28 +121,34 @@ def _read_csv(path: str, required: tuple[str, ...], what: str) -> pd.DataFrame:
     raise IngestError(f"Cannot read {what} file {path}: {e}") from e
   except pd.errors.EmptyDataError as e:
     raise IngestError(f"{what} file {path} is empty (no header row).") from e
-  found = [str(c).strip() for c in header.columns]
+  raw = {str(c).strip(): c for c in header.columns}
+  found = list(raw)
   missing = [c for c in required if c not in found]
   if missing:
     raise IngestError(
         f"{what} file {path} is missing required column(s) {missing}; "
         f"columns found: {found}")
+  usecols = [raw[c] for c in required]
+  malformed = []
   try:
-    frame = pd.read_csv(path, usecols=list(required), dtype=str,
+    frame = pd.read_csv(path, usecols=usecols, dtype=str,
                         keep_default_na=False, engine="pyarrow")
-  except Exception:  # pyarrow rejects some malformed quoting; retry leniently.
+  except Exception:  # pyarrow rejects some malformed rows; retry leniently.
     logging.warning("pyarrow could not parse %s; falling back to the "
-                    "python CSV parser.", path)
-    frame = pd.read_csv(path, usecols=list(required), dtype=str,
+                    "python CSV parser (malformed rows are counted).", path)
+    frame = pd.read_csv(path, usecols=usecols, dtype=str,
                         keep_default_na=False, engine="python",
-                        on_bad_lines="warn")
-  return frame[list(required)]
+                        on_bad_lines=lambda line: malformed.append(line))
+  frame = frame.rename(columns=lambda c: str(c).strip())
+  return frame[list(required)].fillna(""), len(malformed)
 
 
 def read_books(config: IngestConfig, report: Report) -> pd.DataFrame:
   """Reads, validates and parses books.csv; drops are counted in `report`."""
-  books = _read_csv(config.books_csv, BOOK_COLUMNS, "books")
-  report.data["books"]["read"] = len(books)
+  books, malformed = _read_csv(config.books_csv, BOOK_COLUMNS, "books")
+  report.data["books"]["read"] = len(books) + malformed
+  if malformed:
+    report.drop("books", "malformed_row", malformed)
   asin = books["parent_asin"].str.strip()
   empty = asin == ""
   report.drop("books", "missing_parent_asin", empty.sum())
@@ -168,15 +174,18 @@ def read_books(config: IngestConfig, report: Report) -> pd.DataFrame:
 def read_events(config: IngestConfig, known_books: pd.Index,
                 report: Report) -> pd.DataFrame:
   """Reads users.csv, counts and drops bad, duplicate and unknown events."""
-  events = _read_csv(config.users_csv, EVENT_COLUMNS, "users")
-  report.data["events"]["read"] = len(events)
+  events, malformed = _read_csv(config.users_csv, EVENT_COLUMNS, "users")
+  report.data["events"]["read"] = len(events) + malformed
+  if malformed:
+    report.drop("events", "malformed_row", malformed)
   events = events.assign(parent_asin=events["parent_asin"].str.strip(),
                          userId=events["userId"].str.strip())
   ts = pd.to_numeric(events["timestamp"].str.strip(), errors="coerce")
   bad = np.zeros(len(events), dtype=bool)
   for reason, mask in (("missing_user_id", events["userId"] == ""),
                        ("missing_parent_asin", events["parent_asin"] == ""),
-                       ("invalid_timestamp", ts.isna() | (ts < 0))):
+                       ("invalid_timestamp",
+                        ts.isna() | ~((ts >= 0) & (ts < 2.0**63)))):
     mask = mask.to_numpy() & ~bad  # each row counts under its first reason
     report.drop("events", reason, mask.sum())
     bad |= mask
@@ -253,9 +262,10 @@ def assign_split(events: pd.DataFrame, config: IngestConfig) -> np.ndarray:
     if not before.any():
       raise IngestError(f"split_cutoff_ms={cutoff} leaves no training events "
                         f"(earliest event at {ts.min()}).")
-    val_cut = int(np.quantile(ts[before], 1.0 - config.val_fraction))
     split[~before] = SPLIT_TEST
-    split[before & (ts >= val_cut)] = SPLIT_VAL
+    if config.val_fraction > 0:
+      val_cut = int(np.quantile(ts[before], 1.0 - config.val_fraction))
+      split[before & (ts >= val_cut)] = SPLIT_VAL
   else:
     raise IngestError(f"Unknown split {config.split!r}; expected "
                       "'leave_last_out' or 'temporal'.")

@@ -91,7 +91,7 @@ def parse_nonnegative(raw: pd.Series) -> tuple[np.ndarray, dict]:
   values = values.to_numpy(dtype=np.float64, na_value=np.nan)
   non_numeric = ~missing & np.isnan(values)
   non_finite = np.isinf(values)
-  negative = values < 0
+  negative = (values < 0) & ~non_finite
   values = np.where(non_finite | negative, np.nan, values)
   return values, {"missing": int(missing.sum()),
                   "non_numeric": int(non_numeric.sum()),

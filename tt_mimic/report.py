@@ -138,6 +138,31 @@ def examples(prep: runner.Prepared, built: runner.Built, n_users: int = 3,
   return lines
 
 
+def write_projector(log_dir: str, prep: runner.Prepared, built: runner.Built,
+                    max_items: int = 10000) -> None:
+  """Item embeddings (the most popular `max_items`) for TensorBoard's projector."""
+  from tensorboard.plugins import projector  # pylint: disable=g-import-not-at-top
+  os.makedirs(log_dir, exist_ok=True)
+  items = prep.data.items
+  emb = runner.item_embeddings(built.encoder, len(items))[1:]
+  keep = np.argsort(-items["train_count"].to_numpy(), kind="stable")[:max_items]
+  clean = lambda v: " ".join(str(v).split()) or "?"  # noqa: E731
+  with open(os.path.join(log_dir, "metadata.tsv"), "w") as f:
+    f.write("parent_asin\ttitle\tauthor\tcategory\n")
+    for i in keep:
+      row = items.iloc[i]
+      f.write("\t".join(clean(v) for v in (
+          row["parent_asin"], row["title"], row["author"],
+          features.top_category(list(row["categories"])))) + "\n")
+  checkpoint = tf.train.Checkpoint(embedding=tf.Variable(emb[keep]))
+  checkpoint.save(os.path.join(log_dir, "embedding.ckpt"))
+  config = projector.ProjectorConfig()
+  embedding = config.embeddings.add()
+  embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+  embedding.metadata_path = "metadata.tsv"
+  projector.visualize_embeddings(log_dir, config)
+
+
 def write(model_dir: str, prep: runner.Prepared, metrics: dict,
           results: dict, built: dict) -> str:
   """Writes report.md and returns its path."""
@@ -160,6 +185,8 @@ def write(model_dir: str, prep: runner.Prepared, metrics: dict,
       lines += [f"## Embedding diagnostics ({name})", ""]
       lines += diagnostics(prep, built[name], results[name]) + [""]
   if "dat" in built:
+    write_projector(os.path.join(model_dir, "tensorboard", "projector"), prep,
+                    built["dat"])
     lines += ["## Example recommendations (dat)", ""]
     lines += examples(prep, built["dat"])
   path = os.path.join(model_dir, "report.md")
