@@ -371,7 +371,7 @@ def load_trained(model_dir: str):
   from tt_mimic import experiment  # pylint: disable=g-import-not-at-top
   tower, loss = experiment.variant_configs("dat", tower, loss)
   built = runner.build(prep, tower, loss)
-  built.model.compute_loss(runner.dummy_batch(prep))
+  runner.create_variables(built, prep)
   built.model.load_weights(weights[:-len(".index")]).expect_partial()
   return prep, built
 

@@ -3,7 +3,9 @@
 `DATModel.compute_loss` is the whole model: the main retrieval loss plus
 lambda_u * loss_u + lambda_v * loss_v + lambda_ca * loss_CA (DAT eq. 7).
 Every term is a per-example mean, so the weights mean the same whatever
-the batch size.
+the batch size. The Retrieval task sums its cross-entropy (the reduction
+that works under tf.distribute) and the sum is divided by the batch size
+here.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class DATModel(tfrs.Model):
     self.task = tfrs.tasks.Retrieval(
         loss=tf.keras.losses.CategoricalCrossentropy(
             from_logits=True,
-            reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE),
+            reduction=tf.keras.losses.Reduction.SUM),
         temperature=config.temperature, remove_accidental_hits=True)
     self.trackers = {name: tf.keras.metrics.Mean(name)
                      for name in ("loss_main", "loss_u", "loss_v", "loss_ca")}
@@ -118,8 +120,10 @@ class DATModel(tfrs.Model):
       # in-batch (unigram) and uniform sampling.
       probability = (batch * tf.gather(self.item_probability, ids)
                      + extra / self.num_items)
-    return self.task(p_u, candidates, candidate_sampling_probability=probability,
-                     candidate_ids=ids, compute_metrics=False)
+    total = self.task(p_u, candidates,
+                      candidate_sampling_probability=probability,
+                      candidate_ids=ids, compute_metrics=False)
+    return total / batch
 
   def _bce(self, p_u, p_v, training):
     s = self.config.bce_negatives
@@ -150,5 +154,8 @@ class DATModel(tfrs.Model):
           value, f"non-finite {name} (DATModel.compute_loss)")
       self.trackers[name].update_state(value)
       terms[name] = value
-    return (terms["loss_main"] + cfg.lambda_u * terms["loss_u"]
-            + cfg.lambda_v * terms["loss_v"] + cfg.lambda_ca * terms["loss_ca"])
+    total = (terms["loss_main"] + cfg.lambda_u * terms["loss_u"]
+             + cfg.lambda_v * terms["loss_v"] + cfg.lambda_ca * terms["loss_ca"])
+    # Every term is a per-replica mean; gradients are summed over replicas
+    # under tf.distribute, so scale to the mean over the global batch.
+    return total / tf.distribute.get_strategy().num_replicas_in_sync

@@ -45,6 +45,8 @@ class TrainConfig:
     eval_max_users: cap on evaluated users per split (0 = all).
     seed: seeds TF, NumPy and the shuffle.
     verbose: Keras progress output (0 none, 1 bar, 2 a line per epoch).
+    distribute: "none", "mirrored" (all local GPUs) or "multi_worker"
+      (MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG).
   """
   batch_size: int = 256
   epochs: int = 10
@@ -57,6 +59,7 @@ class TrainConfig:
   eval_max_users: int = 20000
   seed: int = 42
   verbose: int = 1
+  distribute: str = "none"
 
 
 @dataclasses.dataclass
@@ -157,6 +160,28 @@ def make_optimizer(config: TrainConfig) -> tf.keras.optimizers.Optimizer:
                    "adagrad or adamw.")
 
 
+_STRATEGIES = {}
+
+
+def strategy(kind: str) -> tf.distribute.Strategy:
+  """The process's tf.distribute strategy of `kind` (created once)."""
+  if kind == "none":
+    return tf.distribute.get_strategy()
+  if kind not in _STRATEGIES:
+    if kind == "mirrored":
+      # All local GPUs; without one, every logical CPU device (so the code
+      # path runs, and is tested, on a CPU-only machine).
+      devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+      devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
+      _STRATEGIES[kind] = tf.distribute.MirroredStrategy(devices)
+    elif kind == "multi_worker":
+      _STRATEGIES[kind] = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+      raise ValueError(f"Unknown distribute {kind!r}; expected none, "
+                       "mirrored or multi_worker.")
+  return _STRATEGIES[kind]
+
+
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or infinite during training."""
 
@@ -230,8 +255,10 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
                       "data": prep.data.report.get("config", {})})
   tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
   tf.keras.utils.set_random_seed(config.seed)
-  built = build(prep, tower_config, loss_config)
-  built.model.compile(optimizer=make_optimizer(config))
+  with strategy(config.distribute).scope():
+    built = build(prep, tower_config, loss_config)
+    built.model.compile(optimizer=make_optimizer(config))
+    create_variables(built, prep)
   result_path = os.path.join(directory, "result.json")
   validation = FullCorpusValidation(
       built, prep, config, directory,
@@ -242,7 +269,6 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
     logging.info("[%s] finished earlier; reloading its best weights.", name)
     with open(result_path) as f:
       result = json.load(f)
-    built.model.compute_loss(dummy_batch(prep))  # creates the variables
   else:
     dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                                      prep.feature_config.history_length,
@@ -255,7 +281,6 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
     ]
     logging.info("[%s] training: %d events, batch %d, up to %d epochs", name,
                  len(prep.sequence), config.batch_size, config.epochs)
-    built.model.compute_loss(dummy_batch(prep))  # creates the variables
     built.model.built = True  # lets BackupAndRestore restore the optimizer
     try:
       built.model.fit(dataset, epochs=config.epochs, callbacks=callbacks,
@@ -300,6 +325,13 @@ def _claim(directory: str, settings: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   with open(path, "w") as f:
     f.write(text)
+
+
+def create_variables(built: Built, prep: Prepared) -> None:
+  """Calls both towers once so every variable exists (before restoring)."""
+  batch = dummy_batch(prep)
+  built.user_tower(batch)
+  built.encoder(batch["item"])
 
 
 def dummy_batch(prep: Prepared) -> dict:

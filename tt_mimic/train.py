@@ -85,6 +85,10 @@ EVAL_MAX_USERS = flags.DEFINE_integer(
 VARIANTS = flags.DEFINE_list(
     "variants", ["popularity", "two_tower", "dat_no_cal", "dat"],
     "Variants to train and compare; 'dat' is the exported model.")
+DISTRIBUTE = flags.DEFINE_enum(
+    "distribute", "none", ["none", "mirrored", "multi_worker"],
+    "tf.distribute strategy: mirrored = all local GPUs; multi_worker = "
+    "MultiWorkerMirroredStrategy with the cluster in TF_CONFIG.")
 VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras progress: 0, 1 or 2.",
                                lower_bound=0, upper_bound=2)
 # export
@@ -120,7 +124,8 @@ def configs():
       weight_decay=WEIGHT_DECAY.value,
       early_stopping_metric=EARLY_STOPPING_METRIC.value,
       patience=PATIENCE.value, eval_max_users=EVAL_MAX_USERS.value,
-      seed=cli_flags.SEED.value, verbose=VERBOSE.value)
+      seed=cli_flags.SEED.value, verbose=VERBOSE.value,
+      distribute=DISTRIBUTE.value)
   return feature, tower, loss, train
 
 
