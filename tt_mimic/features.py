@@ -125,8 +125,9 @@ class ItemPreprocessor(tf.keras.layers.Layer):
         vocabulary=list(author_vocab), mask_token="", num_oov_indices=1)
     self.category_lookup = tf.keras.layers.StringLookup(
         vocabulary=list(category_vocab), mask_token="", num_oov_indices=1)
+    # One OOV index (1), folded into 0 = "no category" in call().
     self.top_lookup = tf.keras.layers.StringLookup(
-        vocabulary=list(top_vocab), mask_token="", num_oov_indices=0)
+        vocabulary=list(top_vocab), mask_token="", num_oov_indices=1)
     self.title_vectorizer = tf.keras.layers.TextVectorization(
         vocabulary=list(title_vocab), output_sequence_length=config.title_length,
         standardize="lower_and_strip_punctuation")
@@ -153,7 +154,7 @@ class ItemPreprocessor(tf.keras.layers.Layer):
         "item": self.item_lookup(raw["parent_asin"]),
         "author": self.author_lookup(tf.strings.strip(raw["author"])),
         "categories": self.category_lookup(categories),
-        "cal_category": self.top_lookup(top),
+        "cal_category": tf.maximum(self.top_lookup(top) - 1, 0),
         "title": self.title_vectorizer(raw["title"]),
         "numeric": tf.concat([normalized, tf.cast(missing, tf.float32)], 1),
     }

@@ -233,8 +233,9 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
     logging.info("epoch %d: validation %s = %.4f (best %.4f at epoch %d)",
                  epoch + 1, self.config.early_stopping_metric, value,
                  self.state["best"], self.state["best_epoch"])
-    with open(self.state_path, "w") as f:
+    with open(self.state_path + ".tmp", "w") as f:
       json.dump(self.state, f, indent=1)
+    os.replace(self.state_path + ".tmp", self.state_path)
 
 
 def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
@@ -274,8 +275,10 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
                                      prep.feature_config.history_length,
                                      config.batch_size, config.seed)
     callbacks = [
-        tf.keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
+        # Validation first: a backup must never get ahead of the validation
+        # state, or a crash in between would lose that epoch's validation.
         validation,
+        tf.keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
         tf.keras.callbacks.TensorBoard(tensorboard_dir,
                                        update_freq="epoch", profile_batch=0),
     ]
@@ -288,8 +291,10 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
     except tf.errors.InvalidArgumentError as e:
       if "non-finite" not in e.message:
         raise
+      detail = next((line.strip() for line in e.message.splitlines()
+                     if "non-finite" in line), e.message.splitlines()[0])
       raise NonFiniteLossError(
-          f"[{name}] training diverged: {e.message.splitlines()[0]}. Lower "
+          f"[{name}] training diverged: {detail}. Lower "
           "--learning_rate or raise --temperature; no metric is reported "
           "for this run.") from None
     result = {"history": validation.state["history"],

@@ -1,0 +1,375 @@
+"""End-to-end tests of `tt_mimic.train` on a tiny generated dataset."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+import tt_mimic  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+
+from tt_mimic import evaluation
+from tt_mimic import experiment
+from tt_mimic import features
+from tt_mimic import model as model_lib
+from tt_mimic import runner
+from tt_mimic import towers
+from tt_mimic import train
+
+import model_fixture
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINED = ("two_tower", "dat_no_cal", "dat")
+
+
+def setUpModule():
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+
+
+def run_main(values: dict) -> float:
+  """Runs train.main under the given flags; returns the seconds it took."""
+  start = time.time()
+  with flagsaver.flagsaver(**values):
+    train.main(["train"])
+  return time.time() - start
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def scalar_events(directory):
+  """{tag: [(step, value), ...]} of every event file under `directory`."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(directory, "events.out.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        value = float(tf.make_ndarray(v.tensor)) if v.HasField(
+            "tensor") else v.simple_value
+        out.setdefault(v.tag, []).append((event.step, value))
+  return out
+
+
+class MetricsMixin:
+
+  def assertSaneMetrics(self, metrics, variants):
+    self.assertEqual(sorted(metrics), sorted(variants))
+    for name, values in metrics.items():
+      self.assertGreater(values["users"], 0, name)
+      for key, value in values.items():
+        if key == "users":
+          continue
+        self.assertTrue(np.isfinite(value), (name, key))
+        self.assertBetween(value, 0.0, 1.0, (name, key))
+      for prefix in ("recall", "hr"):
+        series = [values[f"{prefix}@{k}"] for k in evaluation.KS]
+        self.assertEqual(series, sorted(series), (name, prefix))
+
+
+class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
+  """One full run of the four variants, shared by the tests of the class."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    setUpModule()
+    cls.root = tempfile.mkdtemp(prefix="tt_mimic_train_")
+    cls.dataset = model_fixture.write_dataset(cls.root)
+    cls.model_dir = os.path.join(cls.root, "run")
+    cls.values = model_fixture.train_flags(cls.dataset, cls.model_dir)
+    cls.first_seconds = run_main(cls.values)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def path(self, *parts):
+    return os.path.join(self.model_dir, *parts)
+
+  def test_flags_cfg_is_a_flagfile_of_the_run(self):
+    text = open(self.path("flags.cfg")).read()
+    self.assertIn("--embedding_dim=8\n", text)
+    self.assertIn("--noexport\n", text)
+    with flagsaver.flagsaver():
+      FLAGS(["train", f"--flagfile={self.path('flags.cfg')}"])
+      self.assertEqual(FLAGS.model_dir, self.model_dir)
+      self.assertEqual(FLAGS.books_csv, self.dataset.books_csv)
+      self.assertEqual(FLAGS.embedding_dim, 8)
+      self.assertEqual(FLAGS.hidden_units, ["16"])
+      self.assertEqual(FLAGS.variants, list(experiment.VARIANTS))
+      self.assertFalse(FLAGS.export)
+      self.assertEqual(FLAGS.min_item_interactions, 2)
+      self.assertEqual(FLAGS.learning_rate, 1e-3)
+
+  def test_ingest_report(self):
+    report = read_json(self.path("ingest_report.json"))
+    self.assertEqual(report["books"]["read"], len(self.dataset.books))
+    self.assertEqual(report["events"]["read"], len(self.dataset.events))
+    self.assertEqual(report["config"]["min_item_interactions"], 2)
+    # Every book has some empty price: counted, not dropped.
+    self.assertGreater(report["invalid_values"]["price"]["missing"], 0)
+    self.assertEqual(report["books"]["kept"], len(self.dataset.books))
+
+  def test_metrics_json(self):
+    metrics = read_json(self.path("metrics.json"))
+    self.assertSaneMetrics(metrics, experiment.VARIANTS)
+    self.assertEqual(list(metrics), list(experiment.VARIANTS))
+    for name in TRAINED:
+      self.assertEqual(metrics[name],
+                       read_json(self.path("variants", name,
+                                           "result.json"))["test"])
+    # Not the all-ones of a leaked evaluation.
+    self.assertLess(metrics["dat"]["recall@10"], 1.0)
+
+  def test_report_has_the_metrics_table(self):
+    report = open(self.path("report.md")).read()
+    metrics = read_json(self.path("metrics.json"))
+    self.assertIn(experiment.table(metrics), report)
+    for name in experiment.VARIANTS:
+      self.assertIn(f"| {name} | {metrics[name]['recall@20']:.4f} |", report)
+
+  def test_variant_directories(self):
+    for name in TRAINED:
+      directory = self.path("variants", name)
+      self.assertTrue(os.path.exists(
+          os.path.join(directory, "best", "weights.index")), name)
+      state = read_json(os.path.join(directory, "early_stopping.json"))
+      self.assertEqual([h["epoch"] for h in state["history"]], [1, 2])
+      self.assertIn(state["best_epoch"], (1, 2))
+      for h in state["history"]:
+        for term in ("loss_main", "loss_u", "loss_v", "loss_ca"):
+          self.assertTrue(np.isfinite(h[term]), (name, term))
+      amm = name != "two_tower"
+      self.assertEqual(state["history"][0]["loss_u"] > 0, amm, name)
+      self.assertEqual(state["history"][0]["loss_ca"] > 0, name == "dat", name)
+
+  def test_tensorboard_logs(self):
+    for name in TRAINED:
+      base = self.path("tensorboard", name)
+      for part in ("train", "validation"):
+        self.assertTrue(glob.glob(os.path.join(base, part, "events.out.*")),
+                        (name, part))
+      train_tags = scalar_events(os.path.join(base, "train"))
+      self.assertEqual(sorted(s for s, _ in train_tags["epoch_loss_main"]),
+                       [0, 1])
+      val_tags = scalar_events(os.path.join(base, "validation"))
+      self.assertEqual(sorted(s for s, _ in val_tags["validation/recall@20"]),
+                       [1, 2])
+
+  def test_second_run_reuses_finished_variants(self):
+    metrics = read_json(self.path("metrics.json"))
+    stamps = {name: os.path.getmtime(self.path("variants", name,
+                                               "early_stopping.json"))
+              for name in TRAINED}
+    seconds = run_main(self.values)
+    self.assertEqual(read_json(self.path("metrics.json")), metrics)
+    for name in TRAINED:
+      self.assertEqual(os.path.getmtime(
+          self.path("variants", name, "early_stopping.json")), stamps[name])
+    self.assertLess(seconds, self.first_seconds)
+
+
+class DivergenceTest(tf.test.TestCase, MetricsMixin):
+
+  def setUp(self):
+    super().setUp()
+    setUpModule()
+    self.root = self.get_temp_dir()
+    self.dataset = model_fixture.write_dataset(self.root, n_users=120)
+
+  def test_absurd_learning_rate_stops_the_run(self):
+    model_dir = os.path.join(self.root, "diverged")
+    values = model_fixture.train_flags(
+        self.dataset, model_dir, learning_rate=1e30,
+        variants=["popularity", "two_tower"])
+    with self.assertRaises(SystemExit) as raised:
+      run_main(values)
+    message = str(raised.exception.code)
+    self.assertIn("[two_tower] training diverged", message)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "metrics.json")))
+    self.assertFalse(os.path.exists(
+        os.path.join(model_dir, "variants", "two_tower", "result.json")))
+
+  def _train_with_nan_cal(self):
+    """Trains 'dat' with a CAL that is NaN inside model.fit; returns error."""
+    real = model_lib.losses.category_alignment_loss
+
+    def nan_in_training(embeddings, categories, min_count=2):
+      value = real(embeddings, categories, min_count)
+      # NaN inside model.fit's tf.function only, not in the eager warm-up.
+      return value if tf.executing_eagerly() else value * np.nan
+
+    ingested = model_fixture.ingested(self.root)
+    prep = runner.prepare(ingested, features.FeatureConfig(history_length=5),
+                          runner.TrainConfig(eval_max_users=50))
+    directory = os.path.join(self.root, "variant")
+    with mock.patch.object(model_lib.losses, "category_alignment_loss",
+                           nan_in_training):
+      with self.assertRaises(runner.NonFiniteLossError) as raised:
+        runner.train_variant(
+            "dat", prep, towers.TowerConfig(8, (16,), 8),
+            model_lib.LossConfig(), runner.TrainConfig(
+                batch_size=64, epochs=1, verbose=0, eval_max_users=50),
+            directory)
+    self.assertFalse(os.path.exists(os.path.join(directory, "result.json")))
+    return str(raised.exception)
+
+  def test_nan_loss_term_raises_non_finite_loss_error(self):
+    message = self._train_with_nan_cal()
+    self.assertIn("[dat] training diverged", message)
+    self.assertIn("no metric is reported", message)
+
+  def test_divergence_message_names_the_loss_term(self):
+    self.assertIn("non-finite loss_ca", self._train_with_nan_cal())
+
+  def test_all_empty_numeric_columns(self):
+    data_dir = os.path.join(self.root, "empty")
+    os.makedirs(data_dir)
+    dataset = model_fixture.write_dataset(data_dir, n_users=160,
+                                          empty_numerics=True)
+    model_dir = os.path.join(self.root, "empty_run")
+    run_main(model_fixture.train_flags(dataset, model_dir,
+                                       variants=["popularity", "dat"]))
+    report = read_json(os.path.join(model_dir, "ingest_report.json"))
+    for column in features.NUMERIC_COLUMNS:
+      self.assertEqual(report["invalid_values"][column]["missing"],
+                       len(dataset.books))
+    metrics = read_json(os.path.join(model_dir, "metrics.json"))
+    self.assertSaneMetrics(metrics, ["popularity", "dat"])
+    for name, values in metrics.items():
+      self.assertFalse(all(v == 1.0 for k, v in values.items()
+                           if k != "users"), name)
+      self.assertLess(values["recall@10"], 1.0, name)
+    state = read_json(os.path.join(model_dir, "variants", "dat",
+                                   "early_stopping.json"))
+    for h in state["history"]:
+      self.assertTrue(all(np.isfinite(v) for v in h.values()), h)
+
+
+class ResumeTest(tf.test.TestCase):
+  """A killed run resumes from its last backup instead of epoch 1."""
+
+  EPOCHS = 6
+
+  def _command(self, model_dir):
+    values = model_fixture.train_flags(
+        self.dataset, model_dir, epochs=self.EPOCHS, patience=0,
+        variants=["two_tower"])
+    return [sys.executable, "-m", "tt_mimic.train",
+            *model_fixture.as_argv(values)]
+
+  def setUp(self):
+    super().setUp()
+    self.root = self.get_temp_dir()
+    self.dataset = model_fixture.write_dataset(self.root, n_users=160)
+
+  def test_sigkill_then_resume(self):
+    model_dir = os.path.join(self.root, "resume")
+    variant = os.path.join(model_dir, "variants", "two_tower")
+    state_path = os.path.join(variant, "early_stopping.json")
+    command = self._command(model_dir)
+    log = open(os.path.join(self.root, "first.log"), "w")
+    first = subprocess.Popen(command, cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT)
+    validated = []
+    try:
+      deadline = time.time() + 240
+      while time.time() < deadline and first.poll() is None:
+        checkpoints = glob.glob(os.path.join(variant, "backup", "**",
+                                             "*.index"), recursive=True)
+        if checkpoints and os.path.exists(state_path):
+          try:
+            validated = [h["epoch"] for h in read_json(state_path)["history"]]
+          except ValueError:  # caught mid-write
+            validated = []
+          if validated:
+            first.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    finally:
+      if first.poll() is None:
+        first.kill()
+      first.wait(timeout=60)
+      log.close()
+    self.assertEqual(first.returncode, -signal.SIGKILL,
+                     open(os.path.join(self.root, "first.log")).read()[-3000:])
+    self.assertTrue(validated)
+    self.assertLess(max(validated), self.EPOCHS)
+    self.assertFalse(os.path.exists(os.path.join(variant, "result.json")))
+    train_dir = os.path.join(model_dir, "tensorboard", "two_tower", "train")
+    before = set(glob.glob(os.path.join(train_dir, "events.out.*")))
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+    state = read_json(state_path)
+    epochs = [h["epoch"] for h in state["history"]]
+    self.assertEqual(epochs, list(range(1, self.EPOCHS + 1)))
+    self.assertTrue(os.path.exists(os.path.join(variant, "result.json")))
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "metrics.json")))
+    # The resumed process trained only epochs after the last backup: its
+    # TensorBoard epoch steps (0-based) start after epoch 1, not at 0.
+    new = sorted(set(glob.glob(os.path.join(train_dir, "events.out.*")))
+                 - before)
+    self.assertLen(new, 1)
+    steps = []
+    for event in tf.compat.v1.train.summary_iterator(new[0]):
+      for v in event.summary.value:
+        if v.tag == "epoch_loss_main":
+          steps.append(event.step)
+    info = f"validated before the kill: {validated}; resumed steps: {steps}"
+    self.assertEqual(len(steps), len(set(steps)), info)
+    self.assertEqual(steps[-1], self.EPOCHS - 1, info)
+    self.assertGreaterEqual(min(steps), max(1, max(validated) - 1), info)
+
+
+class CrashDuringValidationTest(tf.test.TestCase):
+  """A crash while epoch N is being validated must not lose epoch N."""
+
+  def test_history_is_complete_after_crash_in_validation(self):
+    root = self.get_temp_dir()
+    prep = runner.prepare(model_fixture.ingested(root, n_users=120),
+                          features.FeatureConfig(history_length=5),
+                          runner.TrainConfig(eval_max_users=50))
+    config = runner.TrainConfig(batch_size=64, epochs=3, patience=0,
+                                verbose=0, eval_max_users=50)
+    tower = towers.TowerConfig(8, (16,), 8, use_amm=False)
+    loss = model_lib.LossConfig(use_amm=False, use_cal=False)
+    directory = os.path.join(root, "variant")
+    real = runner.FullCorpusValidation.on_epoch_end
+
+    class Crash(Exception):
+      pass
+
+    def crash_on_second(self, epoch, logs=None):
+      if epoch == 1:
+        raise Crash()  # the process dies while validating epoch 2
+      return real(self, epoch, logs)
+
+    with mock.patch.object(runner.FullCorpusValidation, "on_epoch_end",
+                           crash_on_second):
+      with self.assertRaises(Crash):
+        runner.train_variant("two_tower", prep, tower, loss, config,
+                             directory)
+    _, result = runner.train_variant("two_tower", prep, tower, loss, config,
+                                     directory)
+    self.assertEqual([h["epoch"] for h in result["history"]], [1, 2, 3])
+
+
+if __name__ == "__main__":
+  tf.test.main()
