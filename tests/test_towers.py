@@ -428,3 +428,19 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def test_books_without_any_category_build_valid_layers(tmp_path):
+  """A dump whose books are all ["Books"] (no sub-category) must not crash."""
+  import model_fixture  # pylint: disable=g-import-not-at-top
+  dataset = model_fixture.write_dataset(tmp_path)
+  books = dataset.books.assign(categories='["Books"]', title='[""]')
+  books.to_csv(dataset.books_csv, index=False)
+  from tt_mimic import features, ingest, runner  # pylint: disable=g-import-not-at-top
+  prep = runner.prepare(
+      ingest.run(model_fixture.ingest_config(dataset)),
+      features.FeatureConfig(title_length=6, history_length=5),
+      runner.TrainConfig(batch_size=64, epochs=1, eval_max_users=100))
+  assert prep.vocab.categories == [] and prep.vocab.top_categories == []
+  assert (prep.item_table["categories"] == 0).all()
+  assert (prep.item_table["cal_category"] == 0).all()

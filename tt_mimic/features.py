@@ -100,6 +100,16 @@ def numeric_stats(items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
   return np.array(means, np.float32), np.array(variances, np.float32)
 
 
+# StringLookup refuses an empty vocabulary (e.g. a dump whose books all have
+# the category path ["Books"] only); this placeholder keeps the layers valid.
+EMPTY_VOCABULARY_PLACEHOLDER = "[none]"
+
+
+def _non_empty(vocabulary) -> list[str]:
+  vocabulary = list(vocabulary)
+  return vocabulary or [EMPTY_VOCABULARY_PLACEHOLDER]
+
+
 class ItemPreprocessor(tf.keras.layers.Layer):
   """Raw book metadata -> integer ids, token ids and normalized numerics.
 
@@ -122,14 +132,16 @@ class ItemPreprocessor(tf.keras.layers.Layer):
     self.item_lookup = tf.keras.layers.StringLookup(
         vocabulary=list(item_vocab), mask_token=None, num_oov_indices=1)
     self.author_lookup = tf.keras.layers.StringLookup(
-        vocabulary=list(author_vocab), mask_token="", num_oov_indices=1)
+        vocabulary=_non_empty(author_vocab), mask_token="", num_oov_indices=1)
     self.category_lookup = tf.keras.layers.StringLookup(
-        vocabulary=list(category_vocab), mask_token="", num_oov_indices=1)
+        vocabulary=_non_empty(category_vocab), mask_token="",
+        num_oov_indices=1)
     # One OOV index (1), folded into 0 = "no category" in call().
     self.top_lookup = tf.keras.layers.StringLookup(
-        vocabulary=list(top_vocab), mask_token="", num_oov_indices=1)
+        vocabulary=_non_empty(top_vocab), mask_token="", num_oov_indices=1)
     self.title_vectorizer = tf.keras.layers.TextVectorization(
-        vocabulary=list(title_vocab), output_sequence_length=config.title_length,
+        vocabulary=_non_empty(title_vocab),
+        output_sequence_length=config.title_length,
         standardize="lower_and_strip_punctuation")
     self.normalization = tf.keras.layers.Normalization(
         mean=means, variance=variances)
@@ -173,10 +185,12 @@ class Vocabularies:
   variances: np.ndarray
 
   def sizes(self) -> dict:
+    """Vocabulary sizes as the lookup layers see them (placeholder included)."""
     return {"items": len(self.items), "users": len(self.users),
-            "authors": len(self.authors), "categories": len(self.categories),
-            "top_categories": len(self.top_categories),
-            "title_tokens": len(self.title_tokens)}
+            "authors": len(_non_empty(self.authors)),
+            "categories": len(_non_empty(self.categories)),
+            "top_categories": len(_non_empty(self.top_categories)),
+            "title_tokens": len(_non_empty(self.title_tokens))}
 
 
 def build_vocabularies(data: ingest.Ingested,
