@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FLAGFILE ?= flags/sample.cfg
 MODEL_DIR ?= saved_models/sample
-USER ?=
+USER_ID ?=
+# `make recommend USER=<id>`; USER from the environment (the login) is ignored.
+RECOMMEND_USER := $(if $(filter command line,$(origin USER)),$(USER),$(USER_ID))
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -29,13 +31,13 @@ ingest: $(STAMP)  ## Run only the ingest step on FLAGFILE.
 	$(PY) -m tt_mimic.ingest --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
 
 test: $(STAMP)  ## Run the test suite.
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 tensorboard: $(STAMP)  ## Open TensorBoard on saved_models/.
 	$(VENV)/bin/tensorboard --logdir saved_models --bind_all=false
 
 recommend: $(STAMP)  ## Recommend for USER=<id> from MODEL_DIR.
-	$(PY) -m tt_mimic.recommend --model_dir=$(MODEL_DIR) --user_id='$(USER)' --k=10 $(ARGS)
+	$(PY) -m tt_mimic.recommend --model_dir=$(MODEL_DIR) --user_id='$(RECOMMEND_USER)' --k=10 $(ARGS)
 
 serve: $(STAMP)  ## Serve MODEL_DIR over HTTP on 127.0.0.1:8501.
 	$(PY) -m tt_mimic.serve --model_dir=$(MODEL_DIR) $(ARGS)

@@ -88,6 +88,26 @@ def diagnostics(prep: runner.Prepared, built: runner.Built,
   return lines
 
 
+def feature_correlations(prep: runner.Prepared) -> list[str]:
+  """Pearson correlations of the numeric book features and popularity."""
+  items = prep.data.items
+  frame = {"average_rating": items["average_rating"],
+           "log1p(rating_number)": np.log1p(items["rating_number"]),
+           "log1p(price)": np.log1p(items["price"]),
+           "log1p(train_count)": np.log1p(items["train_count"])}
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  corr = pd.DataFrame(frame).corr(min_periods=10)
+  names = list(frame)
+  lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for a in names:
+    lines.append(f"| {a} | " + " | ".join(
+        "n/a" if np.isnan(corr.loc[a, b]) else f"{corr.loc[a, b]:.3f}"
+        for b in names) + " |")
+  missing = ", ".join(f"{c} {items[c].isna().mean():.1%}"
+                      for c in ("average_rating", "rating_number", "price"))
+  return lines + ["", f"Missing values: {missing} (n/a: too few values)."]
+
+
 def curves(results: dict) -> list[str]:
   lines = []
   for name, result in results.items():
@@ -180,6 +200,8 @@ def write(model_dir: str, prep: runner.Prepared, metrics: dict,
            "(every loss term, learning rate, validation metrics, and the "
            "item embedding projector).", ""]
   lines += curves(results)
+  lines += ["## Feature correlations (corpus books)", ""]
+  lines += feature_correlations(prep) + [""]
   for name in ("dat", "dat_no_cal", "two_tower"):
     if name in built:
       lines += [f"## Embedding diagnostics ({name})", ""]

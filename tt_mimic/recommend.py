@@ -1,0 +1,407 @@
+"""Top-k books for a user from an exported run: library and command line.
+
+  python -m tt_mimic.recommend --model_dir=<run> --user_id=<id> \
+      [--history=asin1,asin2] [--k=10] [--format=table|json] \
+      [--index=scann|brute_force] [--noexclude_seen]
+
+`Recommender` loads `<model_dir>/export` (an index SavedModel, the book
+metadata and the table of books each user has read) and answers one of
+three ways, which each answer's `source` names:
+
+  known user                             the user's stored reading history
+                                         (or the given one, which replaces it)
+  history-based (unknown user)           an unknown user with a given history
+                                         of known books
+  popularity (unknown user, no history)  the most-read books
+
+History entries that the model does not know are ignored and listed in the
+answer's `note`; they never raise. Books the user has read (from the export's
+`seen.parquet`, plus the given history) are excluded unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+import pandas as pd
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tt_mimic import cli_flags
+
+KNOWN_USER = "known user"
+HISTORY_BASED = "history-based (unknown user)"
+POPULARITY = "popularity (unknown user, no history)"
+INDEXES = ("scann", "brute_force")
+EXPORT_FILES = ("export.json", "items.parquet", "seen.parquet")
+
+_USER_ID = flags.DEFINE_string("user_id", None, "User to recommend for.")
+_HISTORY = flags.DEFINE_list(
+    "history", [], "parent_asins the user read, oldest first (comma "
+    "separated); for an unknown user, the basis of the recommendations.")
+K = flags.DEFINE_integer("k", 10, "Results per user (at most the export's "
+                         "k).", lower_bound=1)
+_FORMAT = flags.DEFINE_enum("format", "table", ["table", "json"],
+                            "Output format.")
+INDEX = flags.DEFINE_enum("index", "scann", list(INDEXES),
+                          "Exported index to query.")
+_EXCLUDE_SEEN = flags.DEFINE_bool("exclude_seen", True,
+                                  "Leave out books the user has read.")
+
+# Cap on batch x exclusions x retrieved books compared in one index call.
+_EXCLUSION_BUDGET = 20_000_000
+
+
+class ExportError(RuntimeError):
+  """An export directory that cannot be served, with the reason."""
+
+
+class Recommendations(list):
+  """One user's results: a list of dicts, best first, with how they came.
+
+  Each result has rank (1-based), parent_asin, title, author, categories
+  (list of str) and score.
+
+  Attributes:
+    source: KNOWN_USER, HISTORY_BASED or POPULARITY.
+    note: `source` with details (ignored history entries, short lists).
+    ignored_history: history entries the model does not know.
+    excluded: how many books were excluded as already read.
+  """
+
+  def __init__(self, rows, source: str, note: str,
+               ignored_history: list[str], excluded: int):
+    super().__init__(rows)
+    self.source = source
+    self.note = note
+    self.ignored_history = ignored_history
+    self.excluded = excluded
+
+  def to_json(self) -> dict:
+    return {"source": self.source, "note": self.note,
+            "ignored_history": list(self.ignored_history),
+            "excluded": self.excluded, "results": list(self)}
+
+
+def export_directory(model_dir: str) -> str:
+  """`<model_dir>/export` (or `model_dir` itself if it is an export)."""
+  if not model_dir:
+    raise ExportError("--model_dir is empty; give a training run directory.")
+  for directory in (os.path.join(model_dir, "export"), model_dir):
+    if os.path.exists(os.path.join(directory, "export.json")):
+      return directory
+  if not os.path.isdir(model_dir):
+    raise ExportError(f"model_dir {model_dir} does not exist.")
+  raise ExportError(f"No export under {model_dir} (expected "
+                    f"{os.path.join(model_dir, 'export', 'export.json')}); "
+                    "train with export on, or run python -m tt_mimic.export "
+                    f"--model_dir={model_dir}.")
+
+
+def load_index(directory: str, index: str):
+  """Loads `<directory>/index_<index>`; imports ScaNN's ops first if needed."""
+  if index not in INDEXES:
+    raise ValueError(f"Unknown index {index!r}; expected one of {INDEXES}.")
+  path = os.path.join(directory, f"index_{index}")
+  if index == "scann":
+    try:
+      import scann  # noqa: F401  pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ExportError(
+          f"The ScaNN index needs the scann package ({e}); install "
+          "scann[tf] or use the brute_force index.") from e
+  if not os.path.exists(os.path.join(path, "saved_model.pb")):
+    raise ExportError(f"{path} is missing or incomplete; re-export the run.")
+  try:
+    return tf.saved_model.load(path)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise ExportError(f"Cannot load {path}: {first}") from e
+
+
+def _pad(rows: list[list[str]]) -> np.ndarray:
+  """Lists of strings -> [len(rows), max(1, longest)] array padded with ''."""
+  width = max([1] + [len(r) for r in rows])
+  out = np.full((len(rows), width), "", dtype=object)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out.astype(str)
+
+
+class Recommender:
+  """Top-k books from an exported run.
+
+  Loading takes a few seconds; answering is thread-safe (the state built at
+  load time is never changed and TensorFlow functions may be called
+  concurrently).
+
+  Attributes:
+    directory: the export directory.
+    k: the most results per user the export holds.
+    info: export.json.
+    index_name: "scann" or "brute_force".
+    model: the loaded index SavedModel.
+    items: items.parquet (parent_asin, title, author, categories, ...).
+  """
+
+  def __init__(self, model_dir: str, index: str = "scann"):
+    """Loads `<model_dir>/export`.
+
+    Args:
+      model_dir: a training run directory (or its export directory).
+      index: "scann" or "brute_force".
+
+    Raises:
+      ExportError: the directory is not a usable export.
+      ValueError: unknown index.
+    """
+    self.directory = export_directory(model_dir)
+    for name in EXPORT_FILES:
+      if not os.path.exists(os.path.join(self.directory, name)):
+        raise ExportError(f"{os.path.join(self.directory, name)} is missing; "
+                          "re-export the run.")
+    with open(os.path.join(self.directory, "export.json")) as f:
+      self.info = json.load(f)
+    self.k = int(self.info["k"])
+    self.index_name = index
+    self.model = load_index(self.directory, index)
+    try:
+      self._predict = self.model.signatures["with_history"]
+    except KeyError:
+      raise ExportError(f"index_{index} has no with_history signature; "
+                        "re-export the run.") from None
+    items = pd.read_parquet(os.path.join(self.directory, "items.parquet"))
+    items["categories"] = items["categories"].map(
+        lambda c: [] if c is None else [str(x) for x in c])
+    self.items = items
+    self._row = {a: i for i, a in enumerate(items["parent_asin"])}
+    self._titles = items["title"].fillna("").astype(str).tolist()
+    self._authors = items["author"].fillna("").astype(str).tolist()
+    self._categories = items["categories"].tolist()
+    # The query model knows the books of training; books added later by
+    # tt_mimic.catalog are retrievable but cannot describe a user's history.
+    self._base_items = int(self.info.get("base_items", len(items)))
+    seen = pd.read_parquet(os.path.join(self.directory, "seen.parquet"))
+    self._seen_asins = seen["parent_asin"].to_numpy(dtype=object)
+    self._seen_rows = seen.groupby("userId", sort=False).indices
+
+  # ------------------------------------------------------------- queries
+
+  def is_known_user(self, user_id: str | None) -> bool:
+    return bool(user_id) and user_id in self._seen_rows
+
+  def seen(self, user_id: str | None) -> list[str]:
+    """The books the export records for the user, oldest first."""
+    rows = self._seen_rows.get(user_id) if user_id else None
+    return [] if rows is None else list(self._seen_asins[rows])
+
+  def book(self, parent_asin: str) -> dict | None:
+    """Metadata of one corpus book, or None."""
+    row = self._row.get(parent_asin)
+    if row is None:
+      return None
+    return {"parent_asin": parent_asin, "title": self._titles[row],
+            "author": self._authors[row],
+            "categories": list(self._categories[row])}
+
+  def _plan(self, user_id, history, exclude_seen):
+    """What to send to the index for one user, and how to describe it."""
+    user_id = "" if user_id is None else str(user_id)
+    if isinstance(history, (str, bytes)):
+      raise ValueError("history must be a list of parent_asins, not a "
+                       f"string ({history!r}).")
+    history = [str(h) for h in (history or [])]
+    usable = [h for h in history
+              if self._row.get(h, self._base_items) < self._base_items]
+    ignored = [h for h in history
+               if self._row.get(h, self._base_items) >= self._base_items]
+    if self.is_known_user(user_id):
+      source = KNOWN_USER
+    elif usable:
+      source = HISTORY_BASED
+    else:
+      source = POPULARITY
+    exclude = []
+    if exclude_seen:
+      exclude = list(dict.fromkeys(self.seen(user_id) + history))
+    return user_id, usable, ignored, source, exclude
+
+  def recommend_batch(self, user_ids, histories=None, k: int = 10,
+                      exclude_seen: bool = True) -> list[Recommendations]:
+    """Recommendations for several users at once.
+
+    Args:
+      user_ids: user ids (None or '' for an anonymous user).
+      histories: None, or one list of parent_asins (oldest first) or None
+        per user.
+      k: results per user, 1 <= k <= self.k.
+      exclude_seen: leave out the books each user has read.
+
+    Returns:
+      One `Recommendations` per user, in order.
+
+    Raises:
+      ValueError: bad k, or histories of another length than user_ids.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+      raise ValueError(f"k must be an integer, got {k!r}.")
+    if not 1 <= k <= self.k:
+      raise ValueError(f"k={k} is out of range: this export returns at most "
+                       f"{self.k} results per user (export_k).")
+    user_ids = list(user_ids)
+    if histories is None:
+      histories = [None] * len(user_ids)
+    histories = list(histories)
+    if len(histories) != len(user_ids):
+      raise ValueError(f"{len(user_ids)} user ids but {len(histories)} "
+                       "histories.")
+    plans = [self._plan(u, h, exclude_seen)
+             for u, h in zip(user_ids, histories)]
+    answers = []
+    for start, stop in self._chunks(plans):
+      part = plans[start:stop]
+      out = self._predict(
+          user_id=tf.constant([p[0] for p in part], tf.string),
+          history=tf.constant(_pad([p[1] for p in part])),
+          exclude=tf.constant(_pad([p[4] for p in part])))
+      ids = out["parent_asin"].numpy()
+      scores = out["scores"].numpy()
+      for plan, row_ids, row_scores in zip(part, ids, scores):
+        answers.append(self._answer(plan, row_ids, row_scores, k))
+    return answers
+
+  def recommend(self, user_id: str | None = None,
+                history: list[str] | None = None, k: int = 10,
+                exclude_seen: bool = True) -> Recommendations:
+    """Top-k books for one user; see `recommend_batch`."""
+    return self.recommend_batch([user_id], [history], k, exclude_seen)[0]
+
+  def _chunks(self, plans):
+    """Row ranges whose exclusion comparison stays within the budget."""
+    retrieve = int(self.info.get("retrieve", self.k))
+    start = 0
+    while start < len(plans):
+      stop, widest = start, 1
+      while stop < len(plans):
+        widest = max(widest, len(plans[stop][4]))
+        if stop > start and (stop + 1 - start) * widest * retrieve > (
+            _EXCLUSION_BUDGET):
+          break
+        stop += 1
+      yield start, stop
+      start = stop
+
+  def _answer(self, plan, ids, scores, k) -> Recommendations:
+    _, usable, ignored, source, exclude = plan
+    excluded = set(exclude)
+    rows = []
+    for asin, score in zip(ids.tolist(), scores.tolist()):
+      asin = asin.decode() if isinstance(asin, bytes) else str(asin)
+      if not asin or not math.isfinite(score) or asin in excluded:
+        continue
+      book = self.book(asin) or {"parent_asin": asin, "title": "",
+                                 "author": "", "categories": []}
+      rows.append({"rank": len(rows) + 1, **book, "score": float(score)})
+      if len(rows) == k:
+        break
+    note = source
+    if source == KNOWN_USER and usable:
+      note += "; the given history replaces the stored one"
+    if ignored:
+      shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+      note += (f"; ignored {len(ignored)} history "
+               f"entr{'y' if len(ignored) == 1 else 'ies'} the model does not "
+               f"know: {shown}")
+    if len(rows) < k:
+      note += (f"; only {len(rows)} results after excluding "
+               f"{len(excluded)} read books")
+    return Recommendations(rows, source, note, ignored, len(excluded))
+
+
+# ----------------------------------------------------------------- output
+
+
+def _clip(text: str, width: int) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_table(recs: Recommendations, title_width: int = 60,
+                 author_width: int = 28) -> str:
+  """A plain-text table: rank, title, author, score."""
+  lines = [f"{'#':>3}  {'title':<{title_width}}  {'author':<{author_width}}"
+           f"  {'score':>8}",
+           f"{'-' * 3}  {'-' * title_width}  {'-' * author_width}  "
+           f"{'-' * 8}"]
+  for r in recs:
+    title = _clip(r["title"] or r["parent_asin"], title_width)
+    author = _clip(r["author"] or "-", author_width)
+    lines.append(f"{r['rank']:>3}  {title:<{title_width}}  "
+                 f"{author:<{author_width}}  {r['score']:>8.4f}")
+  if not recs:
+    lines.append("(no results)")
+  return "\n".join(lines)
+
+
+def print_example(model_dir: str, prep, k: int) -> None:
+  """Prints one known test user's top-k from the fresh export of a run.
+
+  Args:
+    model_dir: the run directory (its export must exist).
+    prep: the run's `runner.Prepared`.
+    k: results to show (capped at the export's k).
+  """
+  users = prep.test.users if len(prep.test.users) else prep.val.users
+  if not len(users):
+    print("No evaluated user to show recommendations for.")
+    return
+  user_id = str(prep.data.users[int(users[0]) - 1])
+  try:
+    recommender = Recommender(model_dir, index="scann")
+  except ExportError:
+    recommender = Recommender(model_dir, index="brute_force")
+  recs = recommender.recommend(user_id, k=min(k, recommender.k))
+  read = recommender.seen(user_id)
+  print(f"\nTop {len(recs)} for user {user_id} ({recs.note}; "
+        f"{recommender.index_name} index, {len(read)} books read, "
+        "read books excluded)")
+  if read:
+    print("Recently read:")
+    for asin in read[-3:][::-1]:
+      book = recommender.book(asin) or {"title": asin, "author": ""}
+      print(f"  - {_clip(book['title'], 70)}"
+            f"{' (' + book['author'] + ')' if book['author'] else ''}")
+  print(format_table(recs))
+  print(f"More: python -m tt_mimic.recommend --model_dir={model_dir} "
+        f"--user_id={user_id} --k={len(recs) or k}\n")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    recommender = Recommender(cli_flags.MODEL_DIR.value, INDEX.value)
+    recs = recommender.recommend(_USER_ID.value, _HISTORY.value, K.value,
+                                 _EXCLUDE_SEEN.value)
+  except (ExportError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if _FORMAT.value == "json":
+    print(json.dumps({"user_id": _USER_ID.value, "k": K.value,
+                      "index": INDEX.value, **recs.to_json()}, indent=2))
+  else:
+    print(f"{recs.note} (user {_USER_ID.value or '-'}, "
+          f"{INDEX.value} index)")
+    print(format_table(recs))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
