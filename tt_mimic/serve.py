@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import signal
 import sys
 import threading
 import traceback
@@ -460,10 +461,14 @@ def main(argv):
   print(f"Serving {r.directory} ({len(r.items)} books, {r.index_name} index, "
         f"k<={r.k}) at {server.url}\n  curl -s -d '{{\"instances\": "
         f"[\"<user_id>\"]}}' {server.url}:predict", flush=True)
+  def stop(signum, frame):  # SIGINT/SIGTERM: finish in-flight requests, exit.
+    del signum, frame
+    threading.Thread(target=server.shutdown, daemon=True).start()
+
+  signal.signal(signal.SIGINT, stop)
+  signal.signal(signal.SIGTERM, stop)
   try:
     server.serve_forever()
-  except KeyboardInterrupt:
-    pass
   finally:
     server.server_close()
   return 0
