@@ -28,13 +28,13 @@ TITLE_MAX_TOKENS = flags.DEFINE_integer("title_max_tokens", 20000,
 TITLE_LENGTH = flags.DEFINE_integer("title_length", 12,
                                     "Title tokens per book.", lower_bound=1)
 HISTORY_LENGTH = flags.DEFINE_integer(
-    "history_length", 20, "Recent training events per user used as "
+    "history_length", 50, "Recent training events per user used as "
     "features.", lower_bound=1)
-EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 64,
+EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 128,
                                      "Feature embedding width.", lower_bound=1)
 HIDDEN_UNITS = flags.DEFINE_list("hidden_units", ["256"],
                                  "ReLU layer widths of each tower.")
-OUTPUT_DIM = flags.DEFINE_integer("output_dim", 64,
+OUTPUT_DIM = flags.DEFINE_integer("output_dim", 128,
                                   "Tower output (and a_u, a_v) width.",
                                   lower_bound=1)
 DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout after hidden layers.",
