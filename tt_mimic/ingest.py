@@ -171,6 +171,11 @@ def read_books(config: IngestConfig, report: Report) -> pd.DataFrame:
   return out
 
 
+def _categorical(values: pd.Series) -> pd.Categorical:
+  codes, uniques = pd.factorize(values)
+  return pd.Categorical.from_codes(codes.astype(np.int32), categories=uniques)
+
+
 def read_events(config: IngestConfig, known_books: pd.Index,
                 report: Report) -> pd.DataFrame:
   """Reads users.csv, counts and drops bad, duplicate and unknown events."""
@@ -190,8 +195,10 @@ def read_events(config: IngestConfig, known_books: pd.Index,
     report.drop("events", reason, mask.sum())
     bad |= mask
   events, ts = events[~bad], ts[~bad]
-  events = pd.DataFrame({"userId": events["userId"].to_numpy(),
-                         "parent_asin": events["parent_asin"].to_numpy(),
+  # Ids become categorical right away: integer codes plus one copy of each
+  # distinct string, which keeps dedupe, joins and k-core integer work.
+  events = pd.DataFrame({"userId": _categorical(events["userId"]),
+                         "parent_asin": _categorical(events["parent_asin"]),
                          "timestamp": ts.to_numpy().astype(np.int64)})
   report.stage("valid", events)
   # One interaction per (user, book): the earliest; ties by file order.
@@ -272,11 +279,21 @@ def assign_split(events: pd.DataFrame, config: IngestConfig) -> np.ndarray:
   return split
 
 
+def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+  """Categorical ids -> (codes into the sorted distinct values, the values)."""
+  values = values.cat.remove_unused_categories()
+  distinct = np.asarray(values.cat.categories, dtype=object)
+  order = np.argsort(distinct, kind="stable")
+  rank = np.empty(len(order), np.int64)
+  rank[order] = np.arange(len(order))
+  return rank[values.cat.codes.to_numpy()], distinct[order]
+
+
 def index(books: pd.DataFrame, events: pd.DataFrame,
           config: IngestConfig, report: Report) -> Ingested:
   """Integer ids, split labels and the corpus item table."""
-  user_codes, users = pd.factorize(events["userId"], sort=True)
-  item_codes, asins = pd.factorize(events["parent_asin"], sort=True)
+  user_codes, users = _sorted_codes(events["userId"])
+  item_codes, asins = _sorted_codes(events["parent_asin"])
   frame = pd.DataFrame({"user": user_codes.astype(np.int32) + 1,
                         "item": item_codes.astype(np.int32) + 1,
                         "timestamp": events["timestamp"].to_numpy()})
