@@ -125,3 +125,9 @@ def dataset_writer(tmp_path):
 def tiny_dataset(dataset_writer) -> TinyDataset:
   """The default tiny dataset (12 users x 5 of 10 books, distinct times)."""
   return dataset_writer()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Drops tf.test.TestCase's inherited `test_session` (a helper, not a test)."""
+  del config
+  items[:] = [item for item in items if item.name != "test_session"]

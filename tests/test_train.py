@@ -290,8 +290,11 @@ class ResumeTest(tf.test.TestCase):
     try:
       deadline = time.time() + 240
       while time.time() < deadline and first.poll() is None:
+        # The CheckpointManager's "checkpoint" file is written (atomically)
+        # after the checkpoint data: before it, the backup is not complete
+        # and a resume correctly starts over.
         checkpoints = glob.glob(os.path.join(variant, "backup", "**",
-                                             "*.index"), recursive=True)
+                                             "checkpoint"), recursive=True)
         if checkpoints and os.path.exists(state_path):
           try:
             validated = [h["epoch"] for h in read_json(state_path)["history"]]
