@@ -94,7 +94,11 @@ def main(argv):
                                    model_dir)
     if _ALS.value:
       metrics["als"] = run_als(prep, _ALS_GRID.value, seed)
+      logging.info("ALS test (seed %d): %s", seed, {
+          k: v for k, v in metrics["als"].items() if k in METRICS + ("params",)})
     per_seed[seed] = metrics
+    with open(os.path.join(model_dir, "metrics_with_als.json"), "w") as f:
+      json.dump(metrics, f, indent=1, default=str)
   names = list(next(iter(per_seed.values())))
   summary = {}
   lines = ["| variant | " + " | ".join(METRICS) + " |",
