@@ -110,49 +110,15 @@ def _same(a, b) -> bool:
   return str(a) == str(b)
 
 
-def known_top_categories(items: pd.DataFrame) -> set[str]:
-  """The top-level categories of the training books (the model's vocabulary)."""
-  trained = items[items["train_count"] > 0]
-  return {features.top_category(list(c)) for c in trained["categories"]} - {""}
-
-
-def _hide_new_top_categories(categories: np.ndarray,
-                             known_tops: set[str]) -> np.ndarray:
-  """Rewrites category tokens whose top level the model has never seen.
-
-  The exported preprocessor's top-level lookup has no out-of-vocabulary
-  bucket, so such a book makes the candidate tower fail, although the tower
-  does not use that feature. Every token of such a book is unknown to the
-  category vocabulary too (the vocabulary holds only paths under trained
-  top levels), so replacing each by another unknown token under a known top
-  level leaves the embedding unchanged and avoids the failure.
-  """
-  if not known_tops:
-    return categories
-  anchor = sorted(known_tops)[0]
-  out = categories.astype(object)
-  for row in range(len(out)):
-    first = str(out[row, 0]).strip()
-    if first and first.split(" > ")[0] not in known_tops:
-      out[row] = [f"{anchor} > [new] {t}" if t else "" for t in out[row]]
-  return out.astype(str)
-
-
-def embed(candidate, books: pd.DataFrame, known_tops: set[str] | None = None,
-          batch_size: int = 4096) -> np.ndarray:
+def embed(candidate, books: pd.DataFrame, batch_size: int = 4096) -> np.ndarray:
   """[len(books), dim] embeddings of books through the candidate SavedModel.
 
   Args:
     candidate: the loaded `candidate/` SavedModel.
     books: parent_asin, title, author, categories (lists), numerics.
-    known_tops: the model's top-level categories (`known_top_categories`);
-      books under other top levels are handled as unknown categories.
     batch_size: books per call.
   """
   raw = features.raw_item_features(books, features.FeatureConfig())
-  if known_tops is not None:
-    raw["categories"] = _hide_new_top_categories(raw["categories"],
-                                                 known_tops)
   fn = candidate.signatures["serving_default"]
   parts = []
   for start in range(0, len(books), batch_size):
@@ -234,10 +200,9 @@ def add_books(model_dir: str, books_csv: str,
     return result
 
   candidate = tf.saved_model.load(os.path.join(directory, "candidate"))
-  tops = known_top_categories(items)
   check = items.iloc[:min(_CHECK_ROWS, len(items))]
   if len(check):
-    error = np.abs(embed(candidate, check, tops)
+    error = np.abs(embed(candidate, check)
                    - embeddings[:len(check)]).max()
     if not error < 1e-3:
       raise CatalogError(
@@ -246,14 +211,14 @@ def add_books(model_dir: str, books_csv: str,
   if not changed.empty:
     rows = changed["parent_asin"].map(row).to_numpy(np.int64)
     embeddings = embeddings.copy()
-    embeddings[rows] = embed(candidate, changed, tops)
+    embeddings[rows] = embed(candidate, changed)
     for column in METADATA_COLUMNS:
       for r, value in zip(rows, changed[column]):
         items.at[r, column] = value
   if not new.empty:
     added = new.reset_index(drop=True).assign(train_count=0)
     added["categories"] = added["categories"].map(list)
-    embeddings = np.concatenate([embeddings, embed(candidate, added, tops)])
+    embeddings = np.concatenate([embeddings, embed(candidate, added)])
     items = pd.concat([items, added[list(ITEM_COLUMNS)]], ignore_index=True)
   items["train_count"] = items["train_count"].astype(np.int64)
 
