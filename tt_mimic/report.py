@@ -46,12 +46,15 @@ def neighbour_overlap(embeddings: np.ndarray, cats: np.ndarray,
   return float(same), float(chance)
 
 
-def diagnostics(prep: runner.Prepared, built: runner.Built,
-                result: dict) -> list[str]:
-  """Embedding diagnostics of one trained variant, as Markdown lines."""
+def diagnostics(prep: runner.Prepared, built: runner.Built, result: dict,
+                emb: np.ndarray) -> list[str]:
+  """Embedding diagnostics of one trained variant, as Markdown lines.
+
+  `emb` is the variant's [num_items + 1, dim] corpus embedding table
+  (`runner.item_embeddings`).
+  """
   rng = np.random.default_rng(0)
   n_items = len(prep.data.items)
-  emb = runner.item_embeddings(built.encoder, n_items)
   cats = top_categories(prep)
   same, chance = neighbour_overlap(emb, cats, rng)
   lines = [f"- Item embeddings p_v: {n_items} books, L2 norms "
@@ -123,8 +126,8 @@ def curves(results: dict) -> list[str]:
   return lines
 
 
-def examples(prep: runner.Prepared, built: runner.Built, n_users: int = 3,
-             k: int = 10) -> list[str]:
+def examples(prep: runner.Prepared, built: runner.Built, emb: np.ndarray,
+             n_users: int = 3, k: int = 10) -> list[str]:
   """Sample test users: history, top-k and category/author match rates."""
   items = prep.data.items
   cats = top_categories(prep)
@@ -133,7 +136,8 @@ def examples(prep: runner.Prepared, built: runner.Built, n_users: int = 3,
   test = prep.test
   rows = np.random.default_rng(1).choice(len(test), min(n_users, len(test)),
                                          replace=False)
-  scorer = runner.model_scorer(built, len(items))
+  scorer = evaluation.embedding_scorer(
+      lambda batch: built.user_tower(batch)[0], emb)
   lines = []
   for row in rows:
     batch = {"user_id": tf.constant(test.user_id[row:row + 1]),
@@ -158,13 +162,13 @@ def examples(prep: runner.Prepared, built: runner.Built, n_users: int = 3,
   return lines
 
 
-def write_projector(log_dir: str, prep: runner.Prepared, built: runner.Built,
+def write_projector(log_dir: str, prep: runner.Prepared, emb: np.ndarray,
                     max_items: int = 10000) -> None:
   """Item embeddings (the most popular `max_items`) for TensorBoard's projector."""
   from tensorboard.plugins import projector  # pylint: disable=g-import-not-at-top
   os.makedirs(log_dir, exist_ok=True)
   items = prep.data.items
-  emb = runner.item_embeddings(built.encoder, len(items))[1:]
+  emb = emb[1:]
   keep = np.argsort(-items["train_count"].to_numpy(), kind="stable")[:max_items]
   clean = lambda v: " ".join(str(v).split()) or "?"  # noqa: E731
   with open(os.path.join(log_dir, "metadata.tsv"), "w") as f:
@@ -202,15 +206,17 @@ def write(model_dir: str, prep: runner.Prepared, metrics: dict,
   lines += curves(results)
   lines += ["## Feature correlations (corpus books)", ""]
   lines += feature_correlations(prep) + [""]
-  for name in ("dat", "dat_no_cal", "two_tower"):
-    if name in built:
-      lines += [f"## Embedding diagnostics ({name})", ""]
-      lines += diagnostics(prep, built[name], results[name]) + [""]
+  n_items = len(prep.data.items)
+  embeddings = {name: runner.item_embeddings(built[name].encoder, n_items)
+                for name in ("dat", "dat_no_cal", "two_tower") if name in built}
+  for name, emb in embeddings.items():
+    lines += [f"## Embedding diagnostics ({name})", ""]
+    lines += diagnostics(prep, built[name], results[name], emb) + [""]
   if "dat" in built:
     write_projector(os.path.join(model_dir, "tensorboard", "projector"), prep,
-                    built["dat"])
+                    embeddings["dat"])
     lines += ["## Example recommendations (dat)", ""]
-    lines += examples(prep, built["dat"])
+    lines += examples(prep, built["dat"], embeddings["dat"])
   path = os.path.join(model_dir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
