@@ -134,6 +134,26 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
                              towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
     self.assertUnitNorm(tower(batch, training=True)[0])
 
+  def test_recent_pool_makes_history_order_matter(self):
+    prep, built = build()
+    hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 4)
+    n = np.count_nonzero(hist)
+    reordered = hist.copy()
+    reordered[:n] = hist[:n][::-1]  # same books, oldest first
+    batch = {"user_id": tf.zeros([2], tf.int64),
+             "history": tf.constant(np.stack([hist, reordered]))}
+    # The whole-history mean ignores order...
+    p_u, _ = built.user_tower(batch)
+    self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
+    # ...the recent pool does not.
+    tower = towers.UserTower(prep.vocab.sizes(),
+                             dataclasses.replace(TOWER, recent_length=2),
+                             built.user_tower.table,
+                             towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
+    p_u, _ = tower(batch)
+    self.assertUnitNorm(p_u)
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+
   def test_all_empty_item_features(self):
     _, built = build()
     c = shared_prep().feature_config

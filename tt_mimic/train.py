@@ -30,6 +30,14 @@ TITLE_LENGTH = flags.DEFINE_integer("title_length", 12,
 HISTORY_LENGTH = flags.DEFINE_integer(
     "history_length", 50, "Recent training events per user used as "
     "features.", lower_bound=1)
+RECENT_LENGTH = flags.DEFINE_integer(
+    "recent_length", 0, "Also pool the user's N most recent history books on "
+    "their own (0: only the pool of the whole history).", lower_bound=0)
+flags.register_multi_flags_validator(
+    ["recent_length", "history_length"],
+    lambda f: f["recent_length"] < f["history_length"],
+    "--recent_length must be smaller than --history_length (at or above it, "
+    "the recent pool repeats the whole-history pool).")
 EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 128,
                                      "Feature embedding width.", lower_bound=1)
 HIDDEN_UNITS = flags.DEFINE_list("hidden_units", ["256"],
@@ -111,7 +119,8 @@ def configs():
       embedding_dim=EMBEDDING_DIM.value,
       hidden_units=tuple(int(u) for u in HIDDEN_UNITS.value if u),
       output_dim=OUTPUT_DIM.value, dropout=DROPOUT.value,
-      use_amm=USE_AMM.value, user_id_dropout=USER_ID_DROPOUT.value)
+      use_amm=USE_AMM.value, user_id_dropout=USER_ID_DROPOUT.value,
+      recent_length=RECENT_LENGTH.value)
   loss = model.LossConfig(
       loss=LOSS.value, temperature=TEMPERATURE.value, log_q=LOG_Q.value,
       uniform_negatives=UNIFORM_NEGATIVES.value,
