@@ -261,6 +261,34 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
       self.assertTrue(all(np.isfinite(v) for v in h.values()), h)
 
 
+class LearningRateScheduleTest(tf.test.TestCase):
+
+  def _rates(self, schedule, steps):
+    config = runner.TrainConfig(learning_rate=0.1, epochs=2,
+                                lr_schedule=schedule)
+    optimizer = runner.make_optimizer(config, steps_per_epoch=5)
+    var = tf.Variable([1.0])
+    rates = []
+    for _ in range(steps):
+      optimizer.apply_gradients([(tf.constant([1.0]), var)])
+      rates.append(float(tf.keras.backend.get_value(optimizer.learning_rate)))
+    return rates
+
+  def test_cosine_decays_to_zero_over_all_epochs(self):
+    rates = self._rates("cosine", 10)
+    self.assertAllClose(rates[0], 0.1, atol=1e-6)  # evaluated at step 0
+    self.assertAllClose(rates[5], 0.05, atol=1e-6)  # half-way: cos(pi/2)
+    self.assertTrue(all(a > b for a, b in zip(rates, rates[1:])), rates)
+    self.assertLess(rates[-1], 0.01)
+
+  def test_constant(self):
+    self.assertAllClose(self._rates("constant", 4), [0.1] * 4)
+
+  def test_unknown_schedule(self):
+    with self.assertRaisesRegex(ValueError, "lr_schedule 'step'"):
+      runner.make_optimizer(runner.TrainConfig(lr_schedule="step"))
+
+
 class ResumeTest(tf.test.TestCase):
   """A killed run resumes from its last backup instead of epoch 1."""
 

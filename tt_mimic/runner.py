@@ -37,7 +37,9 @@ class TrainConfig:
     batch_size: training examples per step.
     epochs: maximum epochs.
     optimizer: "adam", "adagrad" or "adamw".
-    learning_rate: optimizer step size.
+    learning_rate: optimizer step size (the peak, with a schedule).
+    lr_schedule: "constant", or "cosine": cosine decay from learning_rate to
+      0 over `epochs` epochs (early stopping may end training sooner).
     weight_decay: adamw's decoupled weight decay.
     early_stopping_metric: validation metric watched, e.g. "recall@20".
     patience: epochs without improvement before stopping (0 = never stop).
@@ -52,6 +54,7 @@ class TrainConfig:
   epochs: int = 10
   optimizer: str = "adam"
   learning_rate: float = 1e-3
+  lr_schedule: str = "constant"
   weight_decay: float = 1e-4
   early_stopping_metric: str = "recall@20"
   patience: int = 2
@@ -148,14 +151,23 @@ def model_scorer(built: Built, num_items: int) -> callable:
   return evaluation.embedding_scorer(query, embeddings)
 
 
-def make_optimizer(config: TrainConfig) -> tf.keras.optimizers.Optimizer:
+def make_optimizer(config: TrainConfig,
+                   steps_per_epoch: int = 1) -> tf.keras.optimizers.Optimizer:
+  """The optimizer of `config`; a schedule spans `epochs * steps_per_epoch`."""
+  if config.lr_schedule == "constant":
+    lr = config.learning_rate
+  elif config.lr_schedule == "cosine":
+    lr = tf.keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, max(1, config.epochs * steps_per_epoch))
+  else:
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; expected "
+                     "constant or cosine.")
   if config.optimizer == "adam":
-    return tf.keras.optimizers.Adam(config.learning_rate)
+    return tf.keras.optimizers.Adam(lr)
   if config.optimizer == "adagrad":
-    return tf.keras.optimizers.Adagrad(config.learning_rate)
+    return tf.keras.optimizers.Adagrad(lr)
   if config.optimizer == "adamw":
-    return tf.keras.optimizers.AdamW(config.learning_rate,
-                                     weight_decay=config.weight_decay)
+    return tf.keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
   raise ValueError(f"Unknown optimizer {config.optimizer!r}; expected adam, "
                    "adagrad or adamw.")
 
@@ -258,7 +270,8 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
   tf.keras.utils.set_random_seed(config.seed)
   with strategy(config.distribute).scope():
     built = build(prep, tower_config, loss_config)
-    built.model.compile(optimizer=make_optimizer(config))
+    steps = -(-len(prep.sequence) // config.batch_size)
+    built.model.compile(optimizer=make_optimizer(config, steps))
     create_variables(built, prep)
   result_path = os.path.join(directory, "result.json")
   validation = FullCorpusValidation(

@@ -79,6 +79,9 @@ OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", ["adam", "adagrad", "adamw"],
                               "Optimizer.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.",
                                    lower_bound=0.0)
+LR_SCHEDULE = flags.DEFINE_enum(
+    "lr_schedule", "constant", ["constant", "cosine"],
+    "Learning-rate schedule: constant, or cosine decay to 0 over --epochs.")
 WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.",
                                   lower_bound=0.0)
 EARLY_STOPPING_METRIC = flags.DEFINE_enum(
@@ -130,6 +133,7 @@ def configs():
   train = runner.TrainConfig(
       batch_size=BATCH_SIZE.value, epochs=EPOCHS.value,
       optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value,
+      lr_schedule=LR_SCHEDULE.value,
       weight_decay=WEIGHT_DECAY.value,
       early_stopping_metric=EARLY_STOPPING_METRIC.value,
       patience=PATIENCE.value, eval_max_users=EVAL_MAX_USERS.value,
