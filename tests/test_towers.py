@@ -132,7 +132,14 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
                              dataclasses.replace(TOWER, user_id_dropout=1.0),
                              built.user_tower.table,
                              towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
-    self.assertUnitNorm(tower(batch, training=True)[0])
+    p_dropped, a_dropped = tower(batch, training=True)
+    self.assertUnitNorm(p_dropped)
+    # The id is hidden from the tower's input (rows 2, 3 score like unknown
+    # users 0, 1), but a_u stays the user's own, for the mimic loss.
+    self.assertAllClose(p_dropped[2:], tower(batch)[0][:2], atol=1e-6)
+    own = tower.augmented(tf.constant([0, 0, known, known]))
+    self.assertAllClose(a_dropped, own)
+    self.assertGreater(float(tf.reduce_max(tf.abs(own[2] - own[0]))), 1e-4)
 
   def test_recent_pool_makes_history_order_matter(self):
     prep, built = build()

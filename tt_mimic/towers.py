@@ -154,6 +154,9 @@ def embed_history(embed, history: tf.Tensor, dedupe: bool = True) -> tf.Tensor:
 class UserTower(tf.keras.Model):
   """User id and history of corpus item indices -> (p_u, a_u).
 
+  a_u is always the given user's own augmented vector, also for rows whose
+  id the training-time user-id dropout hid from the tower's input.
+
   Inputs: a dict with `user_id` [batch] (0 = unknown user) and `history`
   [batch, h] corpus item indices, most recent first, 0 = padding. The
   history's ids and metadata are gathered from `item_table` (a dict of
@@ -175,7 +178,7 @@ class UserTower(tf.keras.Model):
     self.mlp = _mlp(config, "user_mlp")
 
   def call(self, features, training=False):
-    user = tf.cast(features["user_id"], tf.int64)
+    user = own = tf.cast(features["user_id"], tf.int64)
     if training and self.config.user_id_dropout > 0:
       drop = tf.random.uniform(tf.shape(user)) < self.config.user_id_dropout
       user = tf.where(drop, tf.zeros_like(user), user)
@@ -190,8 +193,11 @@ class UserTower(tf.keras.Model):
       parts.append(masked_mean(books[:, :k], history[:, :k]))
     augmented = None
     if self.augmented is not None:
-      augmented = self.augmented(user)
-      parts.append(augmented)
+      parts.append(self.augmented(user))
+      # The mimic loss trains the user's own a_u even where the tower's
+      # input had the id hidden: hiding is there to teach the tower about
+      # unseen users, not to move their mimic updates to the unknown row.
+      augmented = self.augmented(own)
     output = self.mlp(tf.concat(parts, axis=-1), training=training)
     return tf.math.l2_normalize(output, axis=-1), augmented
 
