@@ -389,6 +389,35 @@ class DATModelTest(tf.test.TestCase, parameterized.TestCase):
     total = built.model.compute_loss(train_batch(prep), training=True)
     self.assertTrue(np.isfinite(float(total)))
 
+  @parameterized.named_parameters(("in_batch", 0), ("whole_corpus", 10**6))
+  def test_main_loss_against_numpy(self, uniform_negatives):
+    prep, built = build(uniform_negatives=uniform_negatives)
+    batch = train_batch(prep, size=64)  # popular books: expected count > 1
+    items = batch["item"].numpy()
+    n = len(prep.data.items)
+    p_u, _ = built.user_tower(batch)
+    p_v, _, _ = built.encoder(batch["item"])
+    got = float(built.model.main_loss(p_u, p_v, batch["item"], False))
+    # By hand: candidates are the batch's positives, then (at or above the
+    # corpus size) every corpus item once; log-Q subtracts the log of each
+    # candidate's expected count, batch * q (+ 1); hits of the row's own
+    # book other than its diagonal are removed.
+    ids, cands, extra = items, p_v.numpy(), 0.0
+    if uniform_negatives:
+      corpus, _, _ = built.encoder(tf.range(1, n + 1))
+      ids = np.concatenate([items, np.arange(1, n + 1)])
+      cands = np.concatenate([cands, corpus.numpy()])
+      extra = 1.0
+    logits = p_u.numpy() @ cands.T / built.model.config.temperature
+    logits -= np.log(len(items) * prep.item_probability[ids] + extra)
+    rows = np.arange(len(items))
+    hits = ids[None, :] == items[:, None]
+    hits[rows, rows] = False
+    logits[hits] = -np.inf
+    top = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    self.assertAllClose(got, -log_softmax[rows, rows].mean(), rtol=1e-4)
+
   def test_fit_one_epoch_under_tf_function(self):
     prep, built = build()
     built.model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))

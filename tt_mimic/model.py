@@ -32,7 +32,8 @@ class LossConfig:
     temperature: scores are divided by it.
     log_q: subtract log of each candidate's sampling probability (softmax).
     uniform_negatives: extra corpus items sampled uniformly per batch and
-      mixed into the softmax's candidates (mixed negative sampling).
+      mixed into the softmax's candidates (mixed negative sampling, Yang et
+      al., WWW 2020); at or above the corpus size, every corpus item once.
     bce_negatives: S, random negatives per positive for "bce".
     use_amm: add the mimic losses.
     use_cal: add the category alignment loss.
@@ -108,18 +109,25 @@ class DATModel(tfrs.Model):
       return self._bce(p_u, p_v, training)
     candidates, ids = p_v, tf.cast(items, tf.int64)
     batch = tf.cast(tf.shape(ids)[0], tf.float32)
-    extra = self.config.uniform_negatives
+    extra = min(self.config.uniform_negatives, self.num_items)
     if extra:
-      negatives = self._sample(extra)
+      # At or above the corpus size, the whole corpus once beats sampling
+      # as many with replacement (the full softmax, plus in-batch items).
+      negatives = (self._sample(extra) if extra < self.num_items else
+                   tf.range(1, self.num_items + 1, dtype=tf.int64))
       n_v, _, _ = self.item_encoder(negatives, training=training)
       candidates = tf.concat([p_v, n_v], 0)
       ids = tf.concat([ids, negatives], 0)
     probability = None
     if self.config.log_q:
       # Expected number of draws of each candidate under the mixture of
-      # in-batch (unigram) and uniform sampling.
-      probability = (batch * tf.gather(self.item_probability, ids)
-                     + extra / self.num_items)
+      # in-batch (unigram) and uniform sampling, scaled to a maximum of 1:
+      # TFRS clips the probability into [1e-6, 1] before its log, so raw
+      # counts above 1 (every popular book) would lose their correction.
+      # A common scale does not change the softmax.
+      count = (batch * tf.gather(self.item_probability, ids)
+               + extra / self.num_items)
+      probability = count / tf.reduce_max(count)
     total = self.task(p_u, candidates,
                       candidate_sampling_probability=probability,
                       candidate_ids=ids, compute_metrics=False)

@@ -58,7 +58,8 @@ TEMPERATURE = flags.DEFINE_float("temperature", 0.05, "Score temperature.",
 LOG_Q = flags.DEFINE_bool("log_q", True, "Log-Q correction (softmax).")
 UNIFORM_NEGATIVES = flags.DEFINE_integer(
     "uniform_negatives", 0, "Uniform corpus negatives mixed into the "
-    "softmax per batch.", lower_bound=0)
+    "softmax per batch; at or above the corpus size, the whole corpus.",
+    lower_bound=0)
 BCE_NEGATIVES = flags.DEFINE_integer("bce_negatives", 4,
                                      "Negatives per positive for --loss=bce.",
                                      lower_bound=1)
