@@ -141,6 +141,14 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     self.assertAllClose(a_dropped, own)
     self.assertGreater(float(tf.reduce_max(tf.abs(own[2] - own[0]))), 1e-4)
 
+  def test_history_dedupe_gives_the_same_features(self):
+    prep, built = build()
+    history = tf.constant(prep.val.history[:9])  # repeats and padding
+    embed = built.user_tower.embed_books
+    self.assertAllClose(towers.embed_history(embed, history, dedupe=True),
+                        towers.embed_history(embed, history, dedupe=False),
+                        atol=1e-6)
+
   def test_recent_pool_makes_history_order_matter(self):
     prep, built = build()
     hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 4)

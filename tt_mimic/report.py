@@ -136,8 +136,7 @@ def examples(prep: runner.Prepared, built: runner.Built, emb: np.ndarray,
   test = prep.test
   rows = np.random.default_rng(1).choice(len(test), min(n_users, len(test)),
                                          replace=False)
-  scorer = evaluation.embedding_scorer(
-      lambda batch: built.user_tower(batch)[0], emb)
+  scorer = runner.model_scorer(built, len(items), emb)
   lines = []
   for row in rows:
     batch = {"user_id": tf.constant(test.user_id[row:row + 1]),

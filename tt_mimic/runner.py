@@ -145,8 +145,12 @@ def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
   return np.concatenate([np.zeros_like(out[:1]), out])
 
 
-def model_scorer(built: Built, num_items: int) -> callable:
-  embeddings = item_embeddings(built.encoder, num_items)
+def model_scorer(built: Built, num_items: int,
+                 embeddings: np.ndarray | None = None) -> callable:
+  """Scores users against the corpus; `embeddings` as from `item_embeddings`
+  (computed here when not given)."""
+  if embeddings is None:
+    embeddings = item_embeddings(built.encoder, num_items)
   query = lambda batch: built.user_tower(batch)[0]  # noqa: E731
   return evaluation.embedding_scorer(query, embeddings)
 
