@@ -141,6 +141,32 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     self.assertAllClose(a_dropped, own)
     self.assertGreater(float(tf.reduce_max(tf.abs(own[2] - own[0]))), 1e-4)
 
+  def test_without_user_id_embedding_a_user_is_their_history(self):
+    prep, built = build()
+    hist = prep.val.history[0]
+    users = [int(prep.val.user_id[0]), int(prep.val.user_id[1])]
+    batch = {"user_id": tf.constant(users, tf.int64),
+             "history": tf.constant(np.stack([hist, hist]))}
+
+    def tower(use_amm):
+      config = dataclasses.replace(TOWER, user_id_embedding=False,
+                                   use_amm=use_amm)
+      return towers.UserTower(prep.vocab.sizes(), config,
+                              built.user_tower.table,
+                              towers.ItemFeatureEmbedding(prep.vocab.sizes(),
+                                                          8))
+
+    plain = tower(use_amm=False)
+    p_u, _ = plain(batch)
+    self.assertUnitNorm(p_u)
+    self.assertIsNone(plain.user_id)
+    self.assertNotIn("user_id", [v.name.split("/")[-2]
+                                 for v in plain.trainable_variables])
+    self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
+    # Under AMM the per-user a_u still tells the two users apart.
+    p_u, _ = tower(use_amm=True)(batch)
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+
   def test_history_dedupe_gives_the_same_features(self):
     prep, built = build()
     history = tf.constant(prep.val.history[:9])  # repeats and padding

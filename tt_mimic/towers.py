@@ -33,6 +33,8 @@ class TowerConfig:
       the user's `recent_length` most recent history books on their own,
       beside the pool of the whole history (tastes drift; a plain mean over
       a long history blurs the latest ones). 0 turns it off.
+    user_id_embedding: whether the user tower has a free user-id embedding
+      e(user id). Without it, a user is their history (plus a_u with AMM).
   """
   embedding_dim: int = 64
   hidden_units: tuple[int, ...] = (256,)
@@ -41,6 +43,7 @@ class TowerConfig:
   use_amm: bool = True
   user_id_dropout: float = 0.1
   recent_length: int = 0
+  user_id_embedding: bool = True
 
 
 def _embedding(rows: int, dim: int, name: str) -> tf.keras.layers.Embedding:
@@ -168,8 +171,8 @@ class UserTower(tf.keras.Model):
     super().__init__(**kwargs)
     self.config = config
     self.table = item_table
-    self.user_id = _embedding(sizes["users"] + 1, config.embedding_dim,
-                              "user_id")
+    self.user_id = (_embedding(sizes["users"] + 1, config.embedding_dim,
+                               "user_id") if config.user_id_embedding else None)
     self.history_id = _embedding(sizes["items"] + 1, config.embedding_dim,
                                  "history_item_id")
     self.metadata = metadata
@@ -186,7 +189,9 @@ class UserTower(tf.keras.Model):
     valid = tf.cast(history != 0, tf.float32)
     books = embed_history(self.embed_books, history)
     count = tf.math.log1p(tf.reduce_sum(valid, axis=1, keepdims=True))
-    parts = [self.user_id(user), masked_mean(books, history), count]
+    parts = [masked_mean(books, history), count]
+    if self.user_id is not None:
+      parts.insert(0, self.user_id(user))
     if self.config.recent_length > 0:
       # History is most recent first, so the head is the latest books.
       k = self.config.recent_length

@@ -50,6 +50,9 @@ DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout after hidden layers.",
 USER_ID_DROPOUT = flags.DEFINE_float(
     "user_id_dropout", 0.1, "Training-time chance of hiding the user id.",
     lower_bound=0.0, upper_bound=1.0)
+USER_ID_EMBEDDING = flags.DEFINE_bool(
+    "user_id_embedding", True, "Give the user tower a free user-id "
+    "embedding (without it, a user is their history, plus a_u under AMM).")
 LOSS = flags.DEFINE_enum("loss", "softmax", ["softmax", "bce"],
                          "Main loss: in-batch softmax (TFRS Retrieval, "
                          "log-Q corrected) or DAT's BCE with negatives.")
@@ -124,7 +127,8 @@ def configs():
       hidden_units=tuple(int(u) for u in HIDDEN_UNITS.value if u),
       output_dim=OUTPUT_DIM.value, dropout=DROPOUT.value,
       use_amm=USE_AMM.value, user_id_dropout=USER_ID_DROPOUT.value,
-      recent_length=RECENT_LENGTH.value)
+      recent_length=RECENT_LENGTH.value,
+      user_id_embedding=USER_ID_EMBEDDING.value)
   loss = model.LossConfig(
       loss=LOSS.value, temperature=TEMPERATURE.value, log_q=LOG_Q.value,
       uniform_negatives=UNIFORM_NEGATIVES.value,
