@@ -300,6 +300,15 @@ def test_unknown_user_with_history(scann_rec):
   assert unknown_only.ignored_history == ["nope", "nada"]
 
 
+def test_history_is_ignored_by_a_model_without_history(scann_rec,
+                                                       monkeypatch):
+  # What Recommender does with an export of a --history_length=0 run.
+  monkeypatch.setattr(scann_rec, "uses_history", False)
+  recs = scann_rec.recommend("no-such-user", ["G1B000", "G1B001"], k=K)
+  assert recs.source == recommend.POPULARITY
+  assert "does not use histories" in recs.note
+
+
 def test_k_is_capped(scann_rec):
   assert len(scann_rec.recommend(None, k=K)) == K
   for bad in (K + 1, 0, -1, 2.5, True):

@@ -515,6 +515,22 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
     sig_c = loaded_c.signatures["serving_default"](**raw_tensors)
     self.assertAllClose(before_c["embedding"], sig_c["embedding"], atol=1e-6)
 
+  def test_query_module_without_history(self):
+    # --history_length=0 (the DAT paper's towers): histories are ignored, so
+    # an unknown user with one stays unknown (popularity at the index).
+    prep, built = build()
+    data = prep.data
+    query = export.QueryModule(
+        built.user_tower, data.users, data.items["parent_asin"],
+        prep.user_id_index, np.zeros((len(data.users) + 1, 0), np.int64))
+    users = tf.constant([str(data.users[0]), "NEW_USER"])
+    hist = tf.constant([[data.items["parent_asin"].iloc[3]]] * 2)
+    out = query.with_history(users, hist)
+    self.assertUnitNorm(out["embedding"])
+    self.assertAllEqual(out["known"], [True, False])
+    self.assertAllClose(out["embedding"],
+                        query.serving_default(users)["embedding"], atol=1e-6)
+
 
 if __name__ == "__main__":
   tf.test.main()

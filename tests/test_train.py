@@ -289,6 +289,19 @@ class LearningRateScheduleTest(tf.test.TestCase):
       runner.make_optimizer(runner.TrainConfig(lr_schedule="step"))
 
 
+class HistoryFlagsTest(tf.test.TestCase):
+
+  def test_recent_length_must_be_below_history_length(self):
+    with flagsaver.flagsaver(history_length=0, recent_length=0):
+      self.assertEqual(train.configs()[0].history_length, 0)
+    with flagsaver.flagsaver(history_length=5, recent_length=4):
+      self.assertEqual(train.configs()[1].recent_length, 4)
+    with self.assertRaisesRegex(flags.IllegalFlagValueError,
+                                "smaller than --history_length"):
+      with flagsaver.flagsaver(history_length=5, recent_length=5):
+        pass
+
+
 class ResumeTest(tf.test.TestCase):
   """A killed run resumes from its last backup instead of epoch 1."""
 

@@ -188,6 +188,8 @@ class Recommender:
     # The query model knows the books of training; books added later by
     # tt_mimic.catalog are retrievable but cannot describe a user's history.
     self._base_items = int(self.info.get("base_items", len(items)))
+    # A model trained with --history_length=0 ignores histories.
+    self.uses_history = int(self.info.get("history_length", 1)) > 0
     seen = pd.read_parquet(os.path.join(self.directory, "seen.parquet"))
     self._seen_asins = seen["parent_asin"].to_numpy(dtype=object)
     self._seen_rows = seen.groupby("userId", sort=False).indices
@@ -224,7 +226,7 @@ class Recommender:
                if self._row.get(h, self._base_items) >= self._base_items]
     if self.is_known_user(user_id):
       source = KNOWN_USER
-    elif usable:
+    elif usable and self.uses_history:
       source = HISTORY_BASED
     else:
       source = POPULARITY
@@ -312,7 +314,10 @@ class Recommender:
       if len(rows) == k:
         break
     note = source
-    if source == KNOWN_USER and usable:
+    if history_unused := (usable and not self.uses_history):
+      note += ("; this model was trained with --history_length=0 and does "
+               "not use histories")
+    if source == KNOWN_USER and usable and not history_unused:
       note += "; the given history replaces the stored one"
     if ignored:
       shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")

@@ -29,13 +29,13 @@ TITLE_LENGTH = flags.DEFINE_integer("title_length", 12,
                                     "Title tokens per book.", lower_bound=1)
 HISTORY_LENGTH = flags.DEFINE_integer(
     "history_length", 50, "Recent training events per user used as "
-    "features.", lower_bound=1)
+    "features (0: none, the towers of the DAT paper).", lower_bound=0)
 RECENT_LENGTH = flags.DEFINE_integer(
     "recent_length", 0, "Also pool the user's N most recent history books on "
     "their own (0: only the pool of the whole history).", lower_bound=0)
 flags.register_multi_flags_validator(
     ["recent_length", "history_length"],
-    lambda f: f["recent_length"] < f["history_length"],
+    lambda f: f["recent_length"] == 0 or f["recent_length"] < f["history_length"],
     "--recent_length must be smaller than --history_length (at or above it, "
     "the recent pool repeats the whole-history pool).")
 EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 128,
