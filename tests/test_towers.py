@@ -141,6 +141,23 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     self.assertAllClose(a_dropped, own)
     self.assertGreater(float(tf.reduce_max(tf.abs(own[2] - own[0]))), 1e-4)
 
+  def test_history_dropout_hides_the_whole_history_in_training(self):
+    prep, built = build()
+    hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 2)
+    user = int(prep.val.user_id[0])
+    batch = {"user_id": tf.constant([user, user], tf.int64),
+             "history": tf.constant(np.stack([hist, np.zeros_like(hist)]))}
+    tower = towers.UserTower(prep.vocab.sizes(),
+                             dataclasses.replace(TOWER, history_dropout=1.0,
+                                                 user_id_dropout=0.0),
+                             built.user_tower.table,
+                             towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
+    p_u, _ = tower(batch)  # inference: the history counts
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+    p_u, _ = tower(batch, training=True)
+    self.assertUnitNorm(p_u)
+    self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
+
   def test_without_user_id_embedding_a_user_is_their_history(self):
     prep, built = build()
     hist = prep.val.history[0]

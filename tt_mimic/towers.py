@@ -35,6 +35,9 @@ class TowerConfig:
       a long history blurs the latest ones). 0 turns it off.
     user_id_embedding: whether the user tower has a free user-id embedding
       e(user id). Without it, a user is their history (plus a_u with AMM).
+    history_dropout: training-time probability of hiding a user's whole
+      history, so that the tower also learns from the user id (and a_u)
+      alone.
   """
   embedding_dim: int = 64
   hidden_units: tuple[int, ...] = (256,)
@@ -44,6 +47,7 @@ class TowerConfig:
   user_id_dropout: float = 0.1
   recent_length: int = 0
   user_id_embedding: bool = True
+  history_dropout: float = 0.0
 
 
 def _embedding(rows: int, dim: int, name: str) -> tf.keras.layers.Embedding:
@@ -186,6 +190,10 @@ class UserTower(tf.keras.Model):
       drop = tf.random.uniform(tf.shape(user)) < self.config.user_id_dropout
       user = tf.where(drop, tf.zeros_like(user), user)
     history = tf.cast(features["history"], tf.int64)
+    if training and self.config.history_dropout > 0:
+      hide = (tf.random.uniform(tf.shape(history)[:1])
+              < self.config.history_dropout)
+      history = tf.where(hide[:, None], tf.zeros_like(history), history)
     valid = tf.cast(history != 0, tf.float32)
     books = embed_history(self.embed_books, history)
     count = tf.math.log1p(tf.reduce_sum(valid, axis=1, keepdims=True))

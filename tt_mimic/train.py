@@ -50,6 +50,9 @@ DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout after hidden layers.",
 USER_ID_DROPOUT = flags.DEFINE_float(
     "user_id_dropout", 0.1, "Training-time chance of hiding the user id.",
     lower_bound=0.0, upper_bound=1.0)
+HISTORY_DROPOUT = flags.DEFINE_float(
+    "history_dropout", 0.0, "Training-time chance of hiding a user's whole "
+    "history.", lower_bound=0.0, upper_bound=1.0)
 USER_ID_EMBEDDING = flags.DEFINE_bool(
     "user_id_embedding", True, "Give the user tower a free user-id "
     "embedding (without it, a user is their history, plus a_u under AMM).")
@@ -128,7 +131,8 @@ def configs():
       output_dim=OUTPUT_DIM.value, dropout=DROPOUT.value,
       use_amm=USE_AMM.value, user_id_dropout=USER_ID_DROPOUT.value,
       recent_length=RECENT_LENGTH.value,
-      user_id_embedding=USER_ID_EMBEDDING.value)
+      user_id_embedding=USER_ID_EMBEDDING.value,
+      history_dropout=HISTORY_DROPOUT.value)
   loss = model.LossConfig(
       loss=LOSS.value, temperature=TEMPERATURE.value, log_q=LOG_Q.value,
       uniform_negatives=UNIFORM_NEGATIVES.value,
