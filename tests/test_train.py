@@ -301,6 +301,14 @@ class HistoryFlagsTest(tf.test.TestCase):
       with flagsaver.flagsaver(history_length=5, recent_length=5):
         pass
 
+  def test_users_need_a_history_or_an_id_embedding(self):
+    with flagsaver.flagsaver(history_length=5, user_id_embedding=False):
+      self.assertFalse(train.configs()[1].user_id_embedding)
+    with self.assertRaisesRegex(flags.IllegalFlagValueError,
+                                "no input that tells users apart"):
+      with flagsaver.flagsaver(history_length=0, user_id_embedding=False):
+        pass
+
 
 class ResumeTest(tf.test.TestCase):
   """A killed run resumes from its last backup instead of epoch 1."""

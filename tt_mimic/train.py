@@ -56,6 +56,11 @@ HISTORY_DROPOUT = flags.DEFINE_float(
 USER_ID_EMBEDDING = flags.DEFINE_bool(
     "user_id_embedding", True, "Give the user tower a free user-id "
     "embedding (without it, a user is their history, plus a_u under AMM).")
+flags.register_multi_flags_validator(
+    ["history_length", "user_id_embedding"],
+    lambda f: f["history_length"] > 0 or f["user_id_embedding"],
+    "--history_length=0 with --nouser_id_embedding leaves the user tower no "
+    "input that tells users apart; keep one of them.")
 LOSS = flags.DEFINE_enum("loss", "softmax", ["softmax", "bce"],
                          "Main loss: in-batch softmax (TFRS Retrieval, "
                          "log-Q corrected) or DAT's BCE with negatives.")
