@@ -48,6 +48,15 @@ def build(use_amm=True, loss="softmax", use_cal=True, **loss_kwargs):
   return prep, built
 
 
+def user_tower(prep, built, **config) -> towers.UserTower:
+  """A fresh user tower with TOWER's sizes changed by `config`, on `built`'s
+  item table."""
+  sizes = prep.vocab.sizes()
+  return towers.UserTower(
+      sizes, dataclasses.replace(TOWER, **config), built.user_tower.table,
+      towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
+
+
 def train_batch(prep, size=48):
   ds = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                               prep.feature_config.history_length, size, seed=3)
@@ -128,10 +137,7 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     p_u, _ = built.user_tower(batch)
     self.assertUnitNorm(p_u)
     # Training mode with the user id always dropped.
-    tower = towers.UserTower(prep.vocab.sizes(),
-                             dataclasses.replace(TOWER, user_id_dropout=1.0),
-                             built.user_tower.table,
-                             towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
+    tower = user_tower(prep, built, user_id_dropout=1.0)
     p_dropped, a_dropped = tower(batch, training=True)
     self.assertUnitNorm(p_dropped)
     # The id is hidden from the tower's input (rows 2, 3 score like unknown
@@ -147,11 +153,7 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     user = int(prep.val.user_id[0])
     batch = {"user_id": tf.constant([user, user], tf.int64),
              "history": tf.constant(np.stack([hist, np.zeros_like(hist)]))}
-    tower = towers.UserTower(prep.vocab.sizes(),
-                             dataclasses.replace(TOWER, history_dropout=1.0,
-                                                 user_id_dropout=0.0),
-                             built.user_tower.table,
-                             towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
+    tower = user_tower(prep, built, history_dropout=1.0, user_id_dropout=0.0)
     p_u, _ = tower(batch)  # inference: the history counts
     self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
     p_u, _ = tower(batch, training=True)
@@ -164,16 +166,7 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     users = [int(prep.val.user_id[0]), int(prep.val.user_id[1])]
     batch = {"user_id": tf.constant(users, tf.int64),
              "history": tf.constant(np.stack([hist, hist]))}
-
-    def tower(use_amm):
-      config = dataclasses.replace(TOWER, user_id_embedding=False,
-                                   use_amm=use_amm)
-      return towers.UserTower(prep.vocab.sizes(), config,
-                              built.user_tower.table,
-                              towers.ItemFeatureEmbedding(prep.vocab.sizes(),
-                                                          8))
-
-    plain = tower(use_amm=False)
+    plain = user_tower(prep, built, user_id_embedding=False, use_amm=False)
     p_u, _ = plain(batch)
     self.assertUnitNorm(p_u)
     self.assertIsNone(plain.user_id)
@@ -181,7 +174,7 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
                                  for v in plain.trainable_variables])
     self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
     # Under AMM the per-user a_u still tells the two users apart.
-    p_u, _ = tower(use_amm=True)(batch)
+    p_u, _ = user_tower(prep, built, user_id_embedding=False)(batch)
     self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
 
   def test_history_dedupe_gives_the_same_features(self):
@@ -204,10 +197,7 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     p_u, _ = built.user_tower(batch)
     self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
     # ...the recent pool does not.
-    tower = towers.UserTower(prep.vocab.sizes(),
-                             dataclasses.replace(TOWER, recent_length=2),
-                             built.user_tower.table,
-                             towers.ItemFeatureEmbedding(prep.vocab.sizes(), 8))
+    tower = user_tower(prep, built, recent_length=2)
     p_u, _ = tower(batch)
     self.assertUnitNorm(p_u)
     self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
