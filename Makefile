@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TT := $(VENV)/bin/tt-mimic
 STAMP := $(VENV)/.installed
 FLAGFILE ?= flags/sample.cfg
 MODEL_DIR ?= saved_models/sample
@@ -11,7 +12,7 @@ RECOMMEND_USER := $(if $(filter command line,$(origin USER)),$(USER),$(USER_ID))
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train ingest test tensorboard recommend serve export sample clean
+.PHONY: help install train ingest test tensorboard recommend serve export evaluate catalog sample clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -25,10 +26,10 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)  ## Build .venv from the repo (fast when already done).
 
 train: $(STAMP)  ## Train, evaluate and export on FLAGFILE (default: the embedded sample), then print a recommendation.
-	$(PY) -m tt_mimic.train --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
+	$(TT) train --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
 
 ingest: $(STAMP)  ## Run only the ingest step on FLAGFILE.
-	$(PY) -m tt_mimic.ingest --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
+	$(TT) ingest --flagfile=$(FLAGFILE) --model_dir=$(MODEL_DIR) $(ARGS)
 
 test: $(STAMP)  ## Run the test suite.
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
@@ -37,16 +38,22 @@ tensorboard: $(STAMP)  ## Open TensorBoard on saved_models/.
 	$(VENV)/bin/tensorboard --logdir saved_models --bind_all=false
 
 recommend: $(STAMP)  ## Recommend for USER=<id> from MODEL_DIR.
-	$(PY) -m tt_mimic.recommend --model_dir=$(MODEL_DIR) --user_id='$(RECOMMEND_USER)' --k=10 $(ARGS)
+	$(TT) recommend --model_dir=$(MODEL_DIR) --user_id='$(RECOMMEND_USER)' --k=10 $(ARGS)
 
 serve: $(STAMP)  ## Serve MODEL_DIR over HTTP on 127.0.0.1:8501.
-	$(PY) -m tt_mimic.serve --model_dir=$(MODEL_DIR) $(ARGS)
+	$(TT) serve --model_dir=$(MODEL_DIR) $(ARGS)
 
 export: $(STAMP)  ## Re-export an existing run in MODEL_DIR.
-	$(PY) -m tt_mimic.export --model_dir=$(MODEL_DIR) $(ARGS)
+	$(TT) export --model_dir=$(MODEL_DIR) $(ARGS)
+
+evaluate: $(STAMP)  ## Evaluate the run in MODEL_DIR (ARGS=--eval_split=val for validation).
+	$(TT) evaluate --model_dir=$(MODEL_DIR) $(ARGS)
+
+catalog: $(STAMP)  ## Add new books to the export of MODEL_DIR (ARGS=--books_csv=<file>).
+	$(TT) catalog --model_dir=$(MODEL_DIR) $(ARGS)
 
 sample: $(STAMP)  ## Regenerate the embedded sample in data/ (byte for byte).
-	$(PY) -m tt_mimic.synth --out_dir=data
+	$(TT) synth --out_dir=data
 
 clean:  ## Remove the venv, caches and exports.
 	rm -rf $(VENV) saved_models/*/ .pytest_cache build *.egg-info

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tt_mimic  # noqa: F401,E402
 import tensorflow as tf  # noqa: E402
 
-from tt_mimic import towers  # noqa: E402
+from tt_mimic.model import towers  # noqa: E402
 
 _ITEMS = flags.DEFINE_integer("items", 15000, "Corpus size.")
 _BATCH = flags.DEFINE_integer("batch", 512, "Histories per batch.")

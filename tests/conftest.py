@@ -44,7 +44,7 @@ class TinyDataset:
 
   def config(self, **overrides):
     """An `IngestConfig` for these files: no caps, k-core 1/1 unless given."""
-    from tt_mimic import ingest  # pylint: disable=g-import-not-at-top
+    from tt_mimic.data import ingest  # pylint: disable=g-import-not-at-top
     params = dict(books_csv=self.books_csv, users_csv=self.users_csv,
                   books_limit=0, interactions_limit=0,
                   min_user_interactions=1, min_item_interactions=1)

@@ -129,7 +129,7 @@ def write_dataset(directory, n_users: int = 240, n_items: int = 120,
 
 def ingest_config(dataset: Dataset, **overrides):
   """IngestConfig for a written dataset: no caps, 2-core unless overridden."""
-  from tt_mimic import ingest  # pylint: disable=g-import-not-at-top
+  from tt_mimic.data import ingest  # pylint: disable=g-import-not-at-top
   params = dict(books_csv=dataset.books_csv, users_csv=dataset.users_csv,
                 books_limit=0, interactions_limit=0, min_user_interactions=2,
                 min_item_interactions=2)
@@ -139,14 +139,15 @@ def ingest_config(dataset: Dataset, **overrides):
 
 def ingested(directory, **dataset_kwargs):
   """Writes a dataset into `directory` and runs ingest on it."""
-  from tt_mimic import ingest  # pylint: disable=g-import-not-at-top
+  from tt_mimic.data import ingest  # pylint: disable=g-import-not-at-top
   return ingest.run(ingest_config(write_dataset(directory, **dataset_kwargs)))
 
 
 def prepared(directory, feature_config=None, train_config=None,
              **dataset_kwargs):
   """runner.prepare on a freshly written and ingested dataset."""
-  from tt_mimic import features, runner  # pylint: disable=g-import-not-at-top
+  from tt_mimic.data import features  # pylint: disable=g-import-not-at-top
+  from tt_mimic.training import pipeline as runner  # pylint: disable=g-import-not-at-top
   feature_config = feature_config or features.FeatureConfig(
       title_length=6, history_length=5)
   train_config = train_config or runner.TrainConfig(

@@ -109,7 +109,7 @@ def train_run(model_dir: str, books_csv: str, users_csv: str) -> str:
   import io  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
-  from tt_mimic import train  # pylint: disable=g-import-not-at-top
+  from tt_mimic.commands import train  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   out = io.StringIO()

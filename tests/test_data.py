@@ -9,8 +9,8 @@ import pytest
 import tt_mimic  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import data
-from tt_mimic import ingest
+from tt_mimic.data import pipeline as data
+from tt_mimic.data import ingest
 
 TRAIN, VAL, TEST = ingest.SPLIT_TRAIN, ingest.SPLIT_VAL, ingest.SPLIT_TEST
 

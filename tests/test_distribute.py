@@ -21,7 +21,7 @@ _SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from absl import app
-    from tt_mimic import train
+    from tt_mimic.commands import train
     app.run(train.main)
 """)
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_dataset
-from tt_mimic import ingest
+from tt_mimic.data import ingest
 
 
 # ------------------------------------------------------------------ helpers

@@ -6,7 +6,7 @@ import numpy as np
 import tt_mimic  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import losses
+from tt_mimic.model import losses
 
 
 def numpy_cal(embeddings, categories, min_count=2):

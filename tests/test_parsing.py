@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tt_mimic import ingest
-from tt_mimic import parsing
+from tt_mimic.data import ingest
+from tt_mimic.data import parsing
 
 
 def _lists(*cells):

@@ -34,9 +34,9 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from tt_mimic import catalog
-from tt_mimic import recommend
-from tt_mimic import serve
+from tt_mimic.serving import catalog
+from tt_mimic.serving import recommender as recommend
+from tt_mimic.serving import server as serve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = serving_fixture.TRAIN_FLAGS["export_k"]
@@ -446,7 +446,7 @@ def test_catalog_main(run, tmp_path, capsys):
 
 @pytest.fixture(scope="session")
 def server(scann_rec):
-  srv = serve.make_server("", port=0, recommender=scann_rec)
+  srv = serve.make_server("", ServeConfig(port=0), recommender=scann_rec)
   thread = threading.Thread(target=srv.serve_forever, daemon=True)
   thread.start()
   yield srv

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tt_mimic import synth
+from tt_mimic.data import synth
 
 TINY = synth.SynthConfig(num_books=200, num_users=100, num_events=2000, seed=7)
 TOP_NAMES = {top.name for top in synth._TOPS}

@@ -14,12 +14,12 @@ import pytest
 import tt_mimic  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import data as data_lib
-from tt_mimic import export
-from tt_mimic import features
-from tt_mimic import model as model_lib
-from tt_mimic import runner
-from tt_mimic import towers
+from tt_mimic.data import pipeline as data_lib
+from tt_mimic.serving import export
+from tt_mimic.data import features
+from tt_mimic.model import dat as model_lib
+from tt_mimic.training import pipeline as runner
+from tt_mimic.model import towers
 
 import model_fixture
 
@@ -42,7 +42,7 @@ def build(use_amm=True, loss="softmax", use_cal=True, **loss_kwargs):
   prep = shared_prep()
   built = runner.build(
       prep, dataclasses.replace(TOWER, use_amm=use_amm),
-      model_lib.LossConfig(loss=loss, use_amm=use_amm, use_cal=use_cal,
+      model_lib.LossConfig(loss=loss, use_cal=use_cal,
                            **loss_kwargs))
   built.model.compute_loss(runner.dummy_batch(prep))  # creates variables
   return prep, built
@@ -549,7 +549,8 @@ def test_books_without_any_category_build_valid_layers(tmp_path):
   dataset = model_fixture.write_dataset(tmp_path)
   books = dataset.books.assign(categories='["Books"]', title='[""]')
   books.to_csv(dataset.books_csv, index=False)
-  from tt_mimic import features, ingest, runner  # pylint: disable=g-import-not-at-top
+  from tt_mimic.data import features, ingest  # pylint: disable=g-import-not-at-top
+  from tt_mimic.training import pipeline as runner  # pylint: disable=g-import-not-at-top
   prep = runner.prepare(
       ingest.run(model_fixture.ingest_config(dataset)),
       features.FeatureConfig(title_length=6, history_length=5),

@@ -19,13 +19,15 @@ import pytest
 import tt_mimic  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import evaluation
-from tt_mimic import experiment
-from tt_mimic import features
-from tt_mimic import model as model_lib
-from tt_mimic import runner
-from tt_mimic import towers
-from tt_mimic import train
+from tt_mimic.training import evaluation
+from tt_mimic.training import experiment
+from tt_mimic.data import features
+from tt_mimic.model import dat as model_lib
+from tt_mimic.training import pipeline as runner
+from tt_mimic.model import towers
+from tt_mimic.commands import common
+from tt_mimic.commands import train
+from tt_mimic.training import trainer
 
 import model_fixture
 
@@ -220,8 +222,8 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
     directory = os.path.join(self.root, "variant")
     with mock.patch.object(model_lib.losses, "category_alignment_loss",
                            nan_in_training):
-      with self.assertRaises(runner.NonFiniteLossError) as raised:
-        runner.train_variant(
+      with self.assertRaises(trainer.NonFiniteLossError) as raised:
+        trainer.train_variant(
             "dat", prep, towers.TowerConfig(8, (16,), 8),
             model_lib.LossConfig(), runner.TrainConfig(
                 batch_size=64, epochs=1, verbose=0, eval_max_users=50),
@@ -266,7 +268,7 @@ class LearningRateScheduleTest(tf.test.TestCase):
   def _rates(self, schedule, steps):
     config = runner.TrainConfig(learning_rate=0.1, epochs=2,
                                 lr_schedule=schedule)
-    optimizer = runner.make_optimizer(config, steps_per_epoch=5)
+    optimizer = trainer.make_optimizer(config, steps_per_epoch=5)
     var = tf.Variable([1.0])
     rates = []
     for _ in range(steps):
@@ -286,16 +288,16 @@ class LearningRateScheduleTest(tf.test.TestCase):
 
   def test_unknown_schedule(self):
     with self.assertRaisesRegex(ValueError, "lr_schedule 'step'"):
-      runner.make_optimizer(runner.TrainConfig(lr_schedule="step"))
+      trainer.make_optimizer(runner.TrainConfig(lr_schedule="step"))
 
 
 class HistoryFlagsTest(tf.test.TestCase):
 
   def test_recent_length_must_be_below_history_length(self):
     with flagsaver.flagsaver(history_length=0, recent_length=0):
-      self.assertEqual(train.configs()[0].history_length, 0)
+      self.assertEqual(common.run_config().features.history_length, 0)
     with flagsaver.flagsaver(history_length=5, recent_length=4):
-      self.assertEqual(train.configs()[1].recent_length, 4)
+      self.assertEqual(common.run_config().tower.recent_length, 4)
     with self.assertRaisesRegex(flags.IllegalFlagValueError,
                                 "smaller than --history_length"):
       with flagsaver.flagsaver(history_length=5, recent_length=5):
@@ -303,7 +305,7 @@ class HistoryFlagsTest(tf.test.TestCase):
 
   def test_users_need_a_history_or_an_id_embedding(self):
     with flagsaver.flagsaver(history_length=5, user_id_embedding=False):
-      self.assertFalse(train.configs()[1].user_id_embedding)
+      self.assertFalse(common.run_config().tower.user_id_embedding)
     with self.assertRaisesRegex(flags.IllegalFlagValueError,
                                 "no input that tells users apart"):
       with flagsaver.flagsaver(history_length=0, user_id_embedding=False):
@@ -401,9 +403,9 @@ class CrashDuringValidationTest(tf.test.TestCase):
     config = runner.TrainConfig(batch_size=64, epochs=3, patience=0,
                                 verbose=0, eval_max_users=50)
     tower = towers.TowerConfig(8, (16,), 8, use_amm=False)
-    loss = model_lib.LossConfig(use_amm=False, use_cal=False)
+    loss = model_lib.LossConfig(use_cal=False)
     directory = os.path.join(root, "variant")
-    real = runner.FullCorpusValidation.on_epoch_end
+    real = trainer.FullCorpusValidation.on_epoch_end
 
     class Crash(Exception):
       pass
@@ -413,12 +415,12 @@ class CrashDuringValidationTest(tf.test.TestCase):
         raise Crash()  # the process dies while validating epoch 2
       return real(self, epoch, logs)
 
-    with mock.patch.object(runner.FullCorpusValidation, "on_epoch_end",
+    with mock.patch.object(trainer.FullCorpusValidation, "on_epoch_end",
                            crash_on_second):
       with self.assertRaises(Crash):
-        runner.train_variant("two_tower", prep, tower, loss, config,
+        trainer.train_variant("two_tower", prep, tower, loss, config,
                              directory)
-    _, result = runner.train_variant("two_tower", prep, tower, loss, config,
+    _, result = trainer.train_variant("two_tower", prep, tower, loss, config,
                                      directory)
     self.assertEqual([h["epoch"] for h in result["history"]], [1, 2, 3])
 

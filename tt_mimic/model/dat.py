@@ -10,45 +10,15 @@ here.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-import tt_mimic  # noqa: F401
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tt_mimic import losses
-from tt_mimic import towers
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Main loss and DAT terms.
-
-  Attributes:
-    loss: "softmax" (in-batch softmax through tfrs.tasks.Retrieval with
-      log-Q correction) or "bce" (DAT's BCE with sampled negatives).
-    temperature: scores are divided by it.
-    log_q: subtract log of each candidate's sampling probability (softmax).
-    uniform_negatives: extra corpus items sampled uniformly per batch and
-      mixed into the softmax's candidates (mixed negative sampling, Yang et
-      al., WWW 2020); at or above the corpus size, every corpus item once.
-    bce_negatives: S, random negatives per positive for "bce".
-    use_amm: add the mimic losses.
-    use_cal: add the category alignment loss.
-    lambda_u, lambda_v, lambda_ca: weights of loss_u, loss_v, loss_CA.
-  """
-  loss: str = "softmax"
-  temperature: float = 0.05
-  log_q: bool = True
-  uniform_negatives: int = 0
-  bce_negatives: int = 4
-  use_amm: bool = True
-  use_cal: bool = True
-  lambda_u: float = 0.5
-  lambda_v: float = 0.5
-  lambda_ca: float = 1.0
+from tt_mimic.config import LossConfig
+from tt_mimic.model import losses
+from tt_mimic.model import towers
 
 
 class ItemIndexEncoder(tf.keras.Model):
@@ -152,7 +122,8 @@ class DATModel(tfrs.Model):
     terms = {"loss_main": self.main_loss(p_u, p_v, inputs["item"], training)}
     cfg = self.config
     zero = tf.zeros([], tf.float32)
-    amm = cfg.use_amm and a_u is not None and a_v is not None
+    # AMM is on exactly when the towers have a_u and a_v (TowerConfig.use_amm).
+    amm = a_u is not None and a_v is not None
     terms["loss_u"] = losses.mimic_loss(a_u, p_v) if amm else zero
     terms["loss_v"] = losses.mimic_loss(a_v, p_u) if amm else zero
     terms["loss_ca"] = (losses.category_alignment_loss(p_v, category)

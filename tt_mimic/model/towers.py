@@ -10,44 +10,10 @@ the towers' output dimension.
 
 from __future__ import annotations
 
-import dataclasses
-
-import tt_mimic  # noqa: F401
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-
-@dataclasses.dataclass(frozen=True)
-class TowerConfig:
-  """Sizes of the towers.
-
-  Attributes:
-    embedding_dim: width of every id/feature embedding.
-    hidden_units: widths of the ReLU layers of each tower's MLP.
-    output_dim: width of the final (L2-normalized) embedding and of a_u/a_v.
-    dropout: dropout rate after each hidden layer.
-    use_amm: whether the augmented vectors a_u, a_v exist.
-    user_id_dropout: training-time probability of replacing the user id by
-      the unknown id, so the tower also learns to serve unseen users from
-      their history alone.
-    recent_length: when positive, the user tower also pools the features of
-      the user's `recent_length` most recent history books on their own,
-      beside the pool of the whole history (tastes drift; a plain mean over
-      a long history blurs the latest ones). 0 turns it off.
-    user_id_embedding: whether the user tower has a free user-id embedding
-      e(user id). Without it, a user is their history (plus a_u with AMM).
-    history_dropout: training-time probability of hiding a user's whole
-      history, so that the tower also learns from the user id (and a_u)
-      alone.
-  """
-  embedding_dim: int = 64
-  hidden_units: tuple[int, ...] = (256,)
-  output_dim: int = 64
-  dropout: float = 0.0
-  use_amm: bool = True
-  user_id_dropout: float = 0.1
-  recent_length: int = 0
-  user_id_embedding: bool = True
-  history_dropout: float = 0.0
+from tt_mimic.config import TowerConfig
 
 
 def _embedding(rows: int, dim: int, name: str) -> tf.keras.layers.Embedding:

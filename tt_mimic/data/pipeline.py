@@ -18,7 +18,7 @@ import pandas as pd
 import tt_mimic  # noqa: F401
 import tensorflow as tf
 
-from tt_mimic import ingest
+from tt_mimic.data import ingest
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """An HTTP server speaking TensorFlow Serving's REST API for an exported run.
 
-  python -m tt_mimic.serve --model_dir=<run> [--host=127.0.0.1] \
-      [--port=8501] [--index=scann|brute_force]
+  tt-mimic serve --model_dir=<run> [--host=127.0.0.1] [--port=8501] \
+      [--index=scann|brute_force]
 
 Endpoints (MODEL is --model_name, default tt_mimic; each also answers under
 /v1/models/MODEL/versions/1):
@@ -28,32 +28,14 @@ from __future__ import annotations
 
 import http.server
 import json
-import signal
-import sys
 import threading
 import traceback
 
-from absl import app
-from absl import flags
 from absl import logging
 
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
-from tt_mimic import cli_flags
-from tt_mimic import recommend
-
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
-_PORT = flags.DEFINE_integer("port", 8501, "Port to listen on (0 = any free "
-                             "port).", lower_bound=0, upper_bound=65535)
-_MODEL_NAME = flags.DEFINE_string("model_name", "tt_mimic",
-                                  "Model name in the URL paths.")
-_MAX_BODY_BYTES = flags.DEFINE_integer(
-    "max_body_bytes", 1 << 20, "Largest request body accepted (413 above).",
-    lower_bound=1)
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 256,
-                                  "Most users in one request.", lower_bound=1)
-_MAX_HISTORY = flags.DEFINE_integer("max_history", 1000,
-                                    "Most history entries per user.",
-                                    lower_bound=0)
+from tt_mimic.config import ServeConfig
+from tt_mimic.serving import recommender as recommend
 
 VERSION = "1"
 _INSTANCE_FIELDS = ("user_id", "history")
@@ -207,17 +189,15 @@ class Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
   allow_reuse_address = True
 
-  def __init__(self, address, recommender: recommend.Recommender,
-               model_name: str = "tt_mimic", max_body_bytes: int = 1 << 20,
-               max_batch: int = 256, max_history: int = 1000,
-               default_k: int = 10):
-    super().__init__(address, Handler)
+  def __init__(self, recommender: recommend.Recommender,
+               config: ServeConfig = ServeConfig()):
+    super().__init__((config.host, config.port), Handler)
     self.recommender = recommender
-    self.model_name = model_name
-    self.max_body_bytes = max_body_bytes
-    self.max_batch = max_batch
-    self.max_history = max_history
-    self.default_k = min(default_k, recommender.k)
+    self.model_name = config.model_name
+    self.max_body_bytes = config.max_body_bytes
+    self.max_batch = config.max_batch
+    self.max_history = config.max_history
+    self.default_k = min(config.k, recommender.k)
     self._lock = threading.Lock()
     self._counts = {"requests": 0, "predictions": 0, "errors": 0}
 
@@ -415,10 +395,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     logging.info("%s %s", self.address_string(), format % args)
 
 
-def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 8501,
-                index: str = "scann", model_name: str = "tt_mimic",
-                max_body_bytes: int = 1 << 20, max_batch: int = 256,
-                max_history: int = 1000, default_k: int = 10,
+def make_server(model_dir: str, config: ServeConfig = ServeConfig(),
                 recommender: recommend.Recommender | None = None) -> Server:
   """A Server for the export of `model_dir`, bound but not yet serving.
 
@@ -427,52 +404,12 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 8501,
 
   Args:
     model_dir: a training run directory (or its export directory).
-    host, port: where to listen; port 0 picks a free port
-      (`server.server_address[1]`).
-    index: "scann" or "brute_force".
-    model_name: the name in the URL paths.
-    max_body_bytes: larger bodies get 413.
-    max_batch: most users per request.
-    max_history: most history entries per user.
-    default_k: results per user when a request gives no k.
+    config: address (port 0 picks a free port, `server.server_address[1]`),
+      index, the default k and the request limits.
     recommender: an already loaded Recommender to serve instead.
 
   Raises:
     recommend.ExportError: the export cannot be served.
   """
-  recommender = recommender or recommend.Recommender(model_dir, index)
-  return Server((host, port), recommender, model_name=model_name,
-                max_body_bytes=max_body_bytes, max_batch=max_batch,
-                max_history=max_history, default_k=default_k)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    server = make_server(
-        cli_flags.MODEL_DIR.value, _HOST.value, _PORT.value,
-        recommend.INDEX.value, _MODEL_NAME.value, _MAX_BODY_BYTES.value,
-        _MAX_BATCH.value, _MAX_HISTORY.value, recommend.K.value)
-  except (recommend.ExportError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  r = server.recommender
-  print(f"Serving {r.directory} ({len(r.items)} books, {r.index_name} index, "
-        f"k<={r.k}) at {server.url}\n  curl -s -d '{{\"instances\": "
-        f"[\"<user_id>\"]}}' {server.url}:predict", flush=True)
-  def stop(signum, frame):  # SIGINT/SIGTERM: finish in-flight requests, exit.
-    del signum, frame
-    threading.Thread(target=server.shutdown, daemon=True).start()
-
-  signal.signal(signal.SIGINT, stop)
-  signal.signal(signal.SIGTERM, stop)
-  try:
-    server.serve_forever()
-  finally:
-    server.server_close()
-  return 0
-
-
-if __name__ == "__main__":
-  app.run(main)
+  recommender = recommender or recommend.Recommender(model_dir, config.index)
+  return Server(recommender, config)

@@ -17,7 +17,7 @@ import numpy as np
 import tt_mimic  # noqa: F401
 import tensorflow as tf
 
-from tt_mimic import data as data_lib
+from tt_mimic.data import pipeline as data_lib
 
 KS = (10, 20, 50, 100)
 

@@ -7,7 +7,7 @@ The stage order is fixed and every row that leaves is counted by reason:
           -> book unknown to books.csv -> interactions_limit -> k-core
           -> split (leave-last-out or temporal cut-off)
 
-Run alone with `python -m tt_mimic.ingest --flagfile=flags/sample.cfg`.
+Run alone with `tt-mimic ingest --flagfile=flags/sample.cfg`.
 Everything here is pandas/NumPy; TensorFlow is not imported.
 """
 
@@ -24,8 +24,8 @@ from absl import logging
 import numpy as np
 import pandas as pd
 
-import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS for later imports)
-from tt_mimic import parsing
+from tt_mimic.config import IngestConfig
+from tt_mimic.data import parsing
 
 BOOK_COLUMNS = ("parent_asin", "title", "author", "average_rating",
                 "rating_number", "price", "categories")
@@ -37,34 +37,6 @@ ARTIFACT_VERSION = "1"
 
 class IngestError(ValueError):
   """Input that cannot be turned into a training set, with the reason."""
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestConfig:
-  """What to read and how to filter and split it.
-
-  Attributes:
-    books_csv: path of books.csv or books.csv.gz.
-    users_csv: path of users.csv or users.csv.gz (the events).
-    books_limit: keep the first N valid books of the file; 0 = no cap.
-    interactions_limit: keep the first N valid events of the file; 0 = no cap.
-    min_user_interactions: k-core threshold for users.
-    min_item_interactions: k-core threshold for books.
-    split: "leave_last_out" or "temporal".
-    split_cutoff_ms: temporal split: events at or after this time are test;
-      0 picks the 90th percentile of event times.
-    val_fraction: temporal split: share of pre-cutoff time carved off (by
-      event-time quantile) as validation.
-  """
-  books_csv: str
-  users_csv: str
-  books_limit: int = 2_000_000
-  interactions_limit: int = 200_000
-  min_user_interactions: int = 5
-  min_item_interactions: int = 10
-  split: str = "leave_last_out"
-  split_cutoff_ms: int = 0
-  val_fraction: float = 0.1
 
 
 @dataclasses.dataclass
@@ -80,11 +52,13 @@ class Ingested:
     events: DataFrame sorted by (user, timestamp, item): user (int32),
       item (int32 corpus index), timestamp (int64 ms), split (int8).
     report: dict of counts (see `Report`).
+    directory: where the artifacts are stored (None until saved).
   """
   items: pd.DataFrame
   users: np.ndarray
   events: pd.DataFrame
   report: dict
+  directory: str | None = None
 
 
 class Report:
@@ -394,7 +368,7 @@ def load(directory: str) -> Ingested:
   with open(os.path.join(directory, "ingest_report.json")) as f:
     report = json.load(f)
   return Ingested(items=items, users=users["userId"].to_numpy(dtype=object),
-                  events=events, report=report)
+                  events=events, report=report, directory=directory)
 
 
 def run_cached(config: IngestConfig, model_dir: str,
@@ -418,26 +392,9 @@ def run_cached(config: IngestConfig, model_dir: str,
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.replace(directory + ".tmp", directory)
+    result.directory = directory
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, "ingest_report.json"), "w") as f:
     json.dump(result.report, f, indent=2)
   logging.info("Ingest summary\n%s", summary(result.report))
   return result
-
-
-def main(argv):
-  """`python -m tt_mimic.ingest --flagfile=...`: ingest only, with a report."""
-  if len(argv) > 1:
-    raise SystemExit(f"Unexpected arguments: {argv[1:]}")
-  from tt_mimic import cli_flags  # pylint: disable=g-import-not-at-top
-  try:
-    run_cached(cli_flags.ingest_config(), cli_flags.MODEL_DIR.value,
-               cli_flags.CACHE_DIR.value)
-  except IngestError as e:
-    raise SystemExit(f"ingest failed: {e}") from None
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from tt_mimic import cli_flags  # noqa: F401  (defines the flags)
-  app.run(main)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 
-import tt_mimic  # noqa: F401
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import evaluation
-from tt_mimic import experiment
-from tt_mimic import features
-from tt_mimic import runner
+from tt_mimic.training import evaluation
+from tt_mimic.training import experiment
+from tt_mimic.data import features
+from tt_mimic.training import pipeline
 
 
 def _summary(values: np.ndarray) -> str:
@@ -23,7 +24,7 @@ def _summary(values: np.ndarray) -> str:
           f"p95 {q[2]:.3f}")
 
 
-def top_categories(prep: runner.Prepared) -> np.ndarray:
+def top_categories(prep: pipeline.Prepared) -> np.ndarray:
   """[num_items + 1] top-level category per corpus index ('' for none)."""
   return np.array([""] + [features.top_category(list(c))
                           for c in prep.data.items["categories"]], dtype=object)
@@ -46,12 +47,12 @@ def neighbour_overlap(embeddings: np.ndarray, cats: np.ndarray,
   return float(same), float(chance)
 
 
-def diagnostics(prep: runner.Prepared, built: runner.Built, result: dict,
+def diagnostics(prep: pipeline.Prepared, built: pipeline.Built, result: dict,
                 emb: np.ndarray) -> list[str]:
   """Embedding diagnostics of one trained variant, as Markdown lines.
 
   `emb` is the variant's [num_items + 1, dim] corpus embedding table
-  (`runner.item_embeddings`).
+  (`pipeline.item_embeddings`).
   """
   rng = np.random.default_rng(0)
   n_items = len(prep.data.items)
@@ -91,14 +92,13 @@ def diagnostics(prep: runner.Prepared, built: runner.Built, result: dict,
   return lines
 
 
-def feature_correlations(prep: runner.Prepared) -> list[str]:
+def feature_correlations(prep: pipeline.Prepared) -> list[str]:
   """Pearson correlations of the numeric book features and popularity."""
   items = prep.data.items
   frame = {"average_rating": items["average_rating"],
            "log1p(rating_number)": np.log1p(items["rating_number"]),
            "log1p(price)": np.log1p(items["price"]),
            "log1p(train_count)": np.log1p(items["train_count"])}
-  import pandas as pd  # pylint: disable=g-import-not-at-top
   corr = pd.DataFrame(frame).corr(min_periods=10)
   names = list(frame)
   lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -126,7 +126,7 @@ def curves(results: dict) -> list[str]:
   return lines
 
 
-def examples(prep: runner.Prepared, built: runner.Built, emb: np.ndarray,
+def examples(prep: pipeline.Prepared, built: pipeline.Built, emb: np.ndarray,
              n_users: int = 3, k: int = 10) -> list[str]:
   """Sample test users: history, top-k and category/author match rates."""
   items = prep.data.items
@@ -136,7 +136,7 @@ def examples(prep: runner.Prepared, built: runner.Built, emb: np.ndarray,
   test = prep.test
   rows = np.random.default_rng(1).choice(len(test), min(n_users, len(test)),
                                          replace=False)
-  scorer = runner.model_scorer(built, len(items), emb)
+  scorer = pipeline.model_scorer(built, len(items), emb)
   lines = []
   for row in rows:
     batch = {"user_id": tf.constant(test.user_id[row:row + 1]),
@@ -161,7 +161,7 @@ def examples(prep: runner.Prepared, built: runner.Built, emb: np.ndarray,
   return lines
 
 
-def write_projector(log_dir: str, prep: runner.Prepared, emb: np.ndarray,
+def write_projector(log_dir: str, prep: pipeline.Prepared, emb: np.ndarray,
                     max_items: int = 10000) -> None:
   """Item embeddings (the most popular `max_items`) for TensorBoard's projector."""
   from tensorboard.plugins import projector  # pylint: disable=g-import-not-at-top
@@ -186,7 +186,7 @@ def write_projector(log_dir: str, prep: runner.Prepared, emb: np.ndarray,
   projector.visualize_embeddings(log_dir, config)
 
 
-def write(model_dir: str, prep: runner.Prepared, metrics: dict,
+def write(model_dir: str, prep: pipeline.Prepared, metrics: dict,
           results: dict, built: dict) -> str:
   """Writes report.md and returns its path."""
   cols = [f"{m}@{k}" for k in evaluation.KS for m in ("recall", "ndcg", "hr")]
@@ -206,7 +206,7 @@ def write(model_dir: str, prep: runner.Prepared, metrics: dict,
   lines += ["## Feature correlations (corpus books)", ""]
   lines += feature_correlations(prep) + [""]
   n_items = len(prep.data.items)
-  embeddings = {name: runner.item_embeddings(built[name].encoder, n_items)
+  embeddings = {name: pipeline.item_embeddings(built[name].encoder, n_items)
                 for name in ("dat", "dat_no_cal", "two_tower") if name in built}
   for name, emb in embeddings.items():
     lines += [f"## Embedding diagnostics ({name})", ""]

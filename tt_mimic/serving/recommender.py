@@ -1,8 +1,5 @@
-"""Top-k books for a user from an exported run: library and command line.
-
-  python -m tt_mimic.recommend --model_dir=<run> --user_id=<id> \
-      [--history=asin1,asin2] [--k=10] [--format=table|json] \
-      [--index=scann|brute_force] [--noexclude_seen]
+"""Top-k books for a user from an exported run (`tt-mimic recommend` is
+its command line).
 
 `Recommender` loads `<model_dir>/export` (an index SavedModel, the book
 metadata and the table of books each user has read) and answers one of
@@ -24,36 +21,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
-from absl import app
-from absl import flags
 import numpy as np
 import pandas as pd
 
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import cli_flags
 
 KNOWN_USER = "known user"
 HISTORY_BASED = "history-based (unknown user)"
 POPULARITY = "popularity (unknown user, no history)"
 INDEXES = ("scann", "brute_force")
 EXPORT_FILES = ("export.json", "items.parquet", "seen.parquet")
-
-_USER_ID = flags.DEFINE_string("user_id", None, "User to recommend for.")
-_HISTORY = flags.DEFINE_list(
-    "history", [], "parent_asins the user read, oldest first (comma "
-    "separated); for an unknown user, the basis of the recommendations.")
-K = flags.DEFINE_integer("k", 10, "Results per user (at most the export's "
-                         "k).", lower_bound=1)
-_FORMAT = flags.DEFINE_enum("format", "table", ["table", "json"],
-                            "Output format.")
-INDEX = flags.DEFINE_enum("index", "scann", list(INDEXES),
-                          "Exported index to query.")
-_EXCLUDE_SEEN = flags.DEFINE_bool("exclude_seen", True,
-                                  "Leave out books the user has read.")
 
 # Cap on batch x exclusions x retrieved books compared in one index call.
 _EXCLUSION_BUDGET = 20_000_000
@@ -101,7 +81,7 @@ def export_directory(model_dir: str) -> str:
     raise ExportError(f"model_dir {model_dir} does not exist.")
   raise ExportError(f"No export under {model_dir} (expected "
                     f"{os.path.join(model_dir, 'export', 'export.json')}); "
-                    "train with export on, or run python -m tt_mimic.export "
+                    "train with export on, or run tt-mimic export "
                     f"--model_dir={model_dir}.")
 
 
@@ -384,29 +364,5 @@ def print_example(model_dir: str, prep, k: int) -> None:
       print(f"  - {_clip(book['title'], 70)}"
             f"{' (' + book['author'] + ')' if book['author'] else ''}")
   print(format_table(recs))
-  print(f"More: python -m tt_mimic.recommend --model_dir={model_dir} "
+  print(f"More: tt-mimic recommend --model_dir={model_dir} "
         f"--user_id={user_id} --k={len(recs) or k}\n")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    recommender = Recommender(cli_flags.MODEL_DIR.value, INDEX.value)
-    recs = recommender.recommend(_USER_ID.value, _HISTORY.value, K.value,
-                                 _EXCLUDE_SEEN.value)
-  except (ExportError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  if _FORMAT.value == "json":
-    print(json.dumps({"user_id": _USER_ID.value, "k": K.value,
-                      "index": INDEX.value, **recs.to_json()}, indent=2))
-  else:
-    print(f"{recs.note} (user {_USER_ID.value or '-'}, "
-          f"{INDEX.value} index)")
-    print(format_table(recs))
-  return 0
-
-
-if __name__ == "__main__":
-  app.run(main)

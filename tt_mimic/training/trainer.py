@@ -1,4 +1,4 @@
-"""Builds, trains and evaluates one model variant; no flags are read here.
+"""Trains and evaluates one model variant.
 
 A variant lives in its own directory with its checkpoints (resumable
 through `tf.keras.callbacks.BackupAndRestore`), its best weights (by the
@@ -16,143 +16,18 @@ import shutil
 import time
 
 from absl import logging
-import numpy as np
 
-import tt_mimic  # noqa: F401
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import data as data_lib
-from tt_mimic import evaluation
-from tt_mimic import features
-from tt_mimic import ingest
-from tt_mimic import model as model_lib
-from tt_mimic import towers
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Optimization and early stopping.
-
-  Attributes:
-    batch_size: training examples per step.
-    epochs: maximum epochs.
-    optimizer: "adam", "adagrad" or "adamw".
-    learning_rate: optimizer step size (the peak, with a schedule).
-    lr_schedule: "constant", or "cosine": cosine decay from learning_rate to
-      0 over `epochs` epochs (early stopping may end training sooner).
-    weight_decay: adamw's decoupled weight decay.
-    early_stopping_metric: validation metric watched, e.g. "recall@20".
-    patience: epochs without improvement before stopping (0 = never stop).
-    eval_batch_size: users scored at once in evaluation.
-    eval_max_users: cap on evaluated users per split (0 = all).
-    seed: seeds TF, NumPy and the shuffle.
-    verbose: Keras progress output (0 none, 1 bar, 2 a line per epoch).
-    distribute: "none", "mirrored" (all local GPUs) or "multi_worker"
-      (MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG).
-  """
-  batch_size: int = 256
-  epochs: int = 10
-  optimizer: str = "adam"
-  learning_rate: float = 1e-3
-  lr_schedule: str = "constant"
-  weight_decay: float = 1e-4
-  early_stopping_metric: str = "recall@20"
-  patience: int = 2
-  eval_batch_size: int = 256
-  eval_max_users: int = 20000
-  seed: int = 42
-  verbose: int = 1
-  distribute: str = "none"
-
-
-@dataclasses.dataclass
-class Prepared:
-  """Everything derived once from the ingested data, shared by variants."""
-  data: ingest.Ingested
-  vocab: features.Vocabularies
-  feature_config: features.FeatureConfig
-  preprocessor: features.ItemPreprocessor
-  item_table: dict
-  sequence: data_lib.TrainSequence
-  user_id_index: np.ndarray
-  item_probability: np.ndarray
-  val: data_lib.EvalSet
-  test: data_lib.EvalSet
-
-
-def prepare(data: ingest.Ingested, feature_config: features.FeatureConfig,
-            train_config: TrainConfig) -> Prepared:
-  """Vocabularies, item table, training sequence and evaluation sets."""
-  vocab = features.build_vocabularies(data, feature_config)
-  preprocessor = features.make_preprocessor(vocab, feature_config)
-  table = features.build_item_table(data.items, preprocessor, feature_config)
-  for name, values in table.items():
-    if not np.all(np.isfinite(values)):
-      raise ValueError(f"Item feature '{name}' has non-finite values after "
-                       "preprocessing; check the numeric columns.")
-  train = data.events[data.events["split"] == ingest.SPLIT_TRAIN]
-  num_users = len(data.users)
-  trained_users = np.zeros(num_users + 1, bool)
-  trained_users[train["user"].to_numpy()] = True
-  user_id_index = np.where(trained_users, np.arange(num_users + 1), 0)
-  counts = np.r_[0, data.items["train_count"].to_numpy()].astype(np.float64)
-  probability = counts / counts.sum()
-  h = feature_config.history_length
-  make = lambda split: data_lib.eval_set(  # noqa: E731
-      data.events, split, user_id_index, h, train_config.eval_max_users,
-      train_config.seed)
-  return Prepared(data=data, vocab=vocab, feature_config=feature_config,
-                  preprocessor=preprocessor, item_table=table,
-                  sequence=data_lib.train_sequence(data.events),
-                  user_id_index=user_id_index,
-                  item_probability=probability.astype(np.float32),
-                  val=make(ingest.SPLIT_VAL), test=make(ingest.SPLIT_TEST))
-
-
-@dataclasses.dataclass
-class Built:
-  model: model_lib.DATModel
-  user_tower: towers.UserTower
-  item_tower: towers.ItemTower
-  encoder: model_lib.ItemIndexEncoder
-
-
-def build(prep: Prepared, tower_config: towers.TowerConfig,
-          loss_config: model_lib.LossConfig) -> Built:
-  """The towers and the DAT model for one variant."""
-  sizes = prep.vocab.sizes()
-  table = towers.make_item_table(prep.item_table)
-  metadata = towers.ItemFeatureEmbedding(sizes, tower_config.embedding_dim,
-                                         name="item_metadata")
-  item_tower = towers.ItemTower(sizes, tower_config, metadata,
-                                name="item_tower")
-  user_tower = towers.UserTower(sizes, tower_config, table, metadata,
-                                name="user_tower")
-  encoder = model_lib.ItemIndexEncoder(item_tower, table, name="item_encoder")
-  model = model_lib.DATModel(user_tower, encoder, prep.item_probability,
-                             loss_config)
-  return Built(model, user_tower, item_tower, encoder)
-
-
-def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
-                    batch_size: int = 8192) -> np.ndarray:
-  """[num_items + 1, dim] embeddings of the whole corpus; row 0 is zeros."""
-  parts = []
-  for start in range(1, num_items + 1, batch_size):
-    ids = tf.range(start, min(start + batch_size, num_items + 1), dtype=tf.int64)
-    parts.append(encoder(ids)[0].numpy())
-  out = np.concatenate(parts)
-  return np.concatenate([np.zeros_like(out[:1]), out])
-
-
-def model_scorer(built: Built, num_items: int,
-                 embeddings: np.ndarray | None = None) -> callable:
-  """Scores users against the corpus; `embeddings` as from `item_embeddings`
-  (computed here when not given)."""
-  if embeddings is None:
-    embeddings = item_embeddings(built.encoder, num_items)
-  query = lambda batch: built.user_tower(batch)[0]  # noqa: E731
-  return evaluation.embedding_scorer(query, embeddings)
+from tt_mimic.config import LossConfig
+from tt_mimic.config import TowerConfig
+from tt_mimic.config import TrainConfig
+from tt_mimic.data import pipeline as data_lib
+from tt_mimic.training import evaluation
+from tt_mimic.training import pipeline
+from tt_mimic.training.pipeline import Built
+from tt_mimic.training.pipeline import Prepared
 
 
 def make_optimizer(config: TrainConfig,
@@ -227,7 +102,7 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     if any(h["epoch"] == epoch + 1 for h in self.state["history"]):
       return  # already validated before a resume
-    scorer = model_scorer(self.built, len(self.prep.data.items))
+    scorer = pipeline.model_scorer(self.built, len(self.prep.data.items))
     metrics = evaluation.evaluate(scorer, self.prep.val,
                                   batch_size=self.config.eval_batch_size)
     value = metrics[self.config.early_stopping_metric]
@@ -254,8 +129,8 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
     os.replace(self.state_path + ".tmp", self.state_path)
 
 
-def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
-                  loss_config: model_lib.LossConfig, config: TrainConfig,
+def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
+                  loss_config: LossConfig, config: TrainConfig,
                   directory: str,
                   tensorboard_dir: str | None = None) -> tuple[Built, dict]:
   """Trains (or resumes, or reloads) one variant and evaluates it on test.
@@ -267,16 +142,17 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
   """
   _claim(directory, {"tower": dataclasses.asdict(tower_config),
                       "loss": dataclasses.asdict(loss_config),
-                      "train": {**dataclasses.asdict(config), "verbose": 0},
+                      "train": {**dataclasses.asdict(config), "verbose": 0,
+                                "variants": None},
                       "features": dataclasses.asdict(prep.feature_config),
                       "data": prep.data.report.get("config", {})})
   tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
   tf.keras.utils.set_random_seed(config.seed)
   with strategy(config.distribute).scope():
-    built = build(prep, tower_config, loss_config)
+    built = pipeline.build(prep, tower_config, loss_config)
     steps = -(-len(prep.sequence) // config.batch_size)
     built.model.compile(optimizer=make_optimizer(config, steps))
-    create_variables(built, prep)
+    pipeline.create_variables(built, prep)
   result_path = os.path.join(directory, "result.json")
   validation = FullCorpusValidation(
       built, prep, config, directory,
@@ -320,7 +196,7 @@ def train_variant(name: str, prep: Prepared, tower_config: towers.TowerConfig,
     raise evaluation.DivergedError(f"[{name}] no epoch finished validation.")
   built.model.load_weights(validation.best_path).expect_partial()
   if "test" not in result:
-    scorer = model_scorer(built, len(prep.data.items))
+    scorer = pipeline.model_scorer(built, len(prep.data.items))
     result["test"] = evaluation.evaluate(scorer, prep.test,
                                          batch_size=config.eval_batch_size)
     result["seconds"] = round(time.time() - start, 1)
@@ -347,17 +223,3 @@ def _claim(directory: str, settings: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   with open(path, "w") as f:
     f.write(text)
-
-
-def create_variables(built: Built, prep: Prepared) -> None:
-  """Calls both towers once so every variable exists (before restoring)."""
-  batch = dummy_batch(prep)
-  built.user_tower(batch)
-  built.encoder(batch["item"])
-
-
-def dummy_batch(prep: Prepared) -> dict:
-  h = prep.feature_config.history_length
-  return {"user_id": tf.constant([1, 1], tf.int64),
-          "history": tf.zeros([2, h], tf.int64),
-          "item": tf.constant([1, 1], tf.int64)}

@@ -1,6 +1,6 @@
 """Adds new books to an exported run without retraining.
 
-  python -m tt_mimic.catalog --model_dir=<run> --books_csv=<new books csv> \
+  tt-mimic catalog --model_dir=<run> --books_csv=<new books csv> \
       [--update_existing]
 
 The CSV (books.csv schema) is read with ingest's parsing, bad rows are
@@ -15,7 +15,7 @@ re-embedded in place.
 
 New books can be recommended at once; they do not count as known history
 books until the model is retrained (the query tower has no id for them), and
-their popularity is zero. A running `tt_mimic.serve` must be restarted to
+their popularity is zero. A running `tt-mimic serve` must be restarted to
 see them.
 """
 
@@ -25,10 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 
-from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
 import pandas as pd
@@ -36,15 +33,13 @@ import pandas as pd
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import cli_flags
-from tt_mimic import export
-from tt_mimic import features
-from tt_mimic import ingest
-from tt_mimic import recommend
-
-_UPDATE_EXISTING = flags.DEFINE_bool(
-    "update_existing", False, "Re-embed books already in the export whose "
-    "metadata changed (default: leave them as they are).")
+from tt_mimic.config import ExportConfig
+from tt_mimic.config import FeatureConfig
+from tt_mimic.config import IngestConfig
+from tt_mimic.data import features
+from tt_mimic.data import ingest
+from tt_mimic.serving import export
+from tt_mimic.serving import recommender as recommend
 
 METADATA_COLUMNS = ("title", "author", "categories") + ingest.NUMERIC_COLUMNS
 ITEM_COLUMNS = ("parent_asin",) + METADATA_COLUMNS + ("train_count",)
@@ -118,7 +113,7 @@ def embed(candidate, books: pd.DataFrame, batch_size: int = 4096) -> np.ndarray:
     books: parent_asin, title, author, categories (lists), numerics.
     batch_size: books per call.
   """
-  raw = features.raw_item_features(books, features.FeatureConfig())
+  raw = features.raw_item_features(books, FeatureConfig())
   fn = candidate.signatures["serving_default"]
   parts = []
   for start in range(0, len(books), batch_size):
@@ -139,7 +134,7 @@ def embed(candidate, books: pd.DataFrame, batch_size: int = 4096) -> np.ndarray:
 def read_new_books(books_csv: str) -> tuple[pd.DataFrame, dict]:
   """The valid books of a CSV (ingest's parsing) and the counts."""
   report = ingest.Report()
-  config = ingest.IngestConfig(books_csv=books_csv, users_csv="",
+  config = IngestConfig(books_csv=books_csv, users_csv="",
                                books_limit=0)
   books = ingest.read_books(config, report)
   counts = {k: report.data["books"][k] for k in ("read", "kept", "dropped")}
@@ -229,7 +224,7 @@ def add_books(model_dir: str, books_csv: str,
   sample = np.random.default_rng(0).choice(
       len(users), min(_MAX_QUERIES, len(users)), replace=False)
   queries = query.serving_default(tf.constant(users[sample]))["embedding"]
-  config = export.ExportConfig(
+  config = ExportConfig(
       k=int(info["k"]),
       max_exclusions=int(info.get("retrieve", info["k"])) - int(info["k"]))
   staging = os.path.join(directory, ".catalog_staging")
@@ -274,22 +269,3 @@ def add_books(model_dir: str, books_csv: str,
   logging.info("Added %d and updated %d books in %s.", len(result.added),
                len(result.updated), directory)
   return result
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if flags.FLAGS["books_csv"].using_default_value:
-    raise app.UsageError("Give the new books with --books_csv=<file>.")
-  try:
-    result = add_books(cli_flags.MODEL_DIR.value, cli_flags.BOOKS_CSV.value,
-                       _UPDATE_EXISTING.value)
-  except (recommend.ExportError, ingest.IngestError, CatalogError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(result.summary())
-  return 0
-
-
-if __name__ == "__main__":
-  app.run(main)

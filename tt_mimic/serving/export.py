@@ -13,7 +13,7 @@ Layout under `<model_dir>/export/`:
 Each SavedModel holds the Keras preprocessing layers, so it takes raw
 strings. Unknown users with no history get the popularity list from the
 index models, never an error. Re-export an existing run with
-`python -m tt_mimic.export --model_dir=<run>`.
+`tt-mimic export --model_dir=<run>`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from absl import logging
 import numpy as np
 import pandas as pd
 
-import tt_mimic  # noqa: F401
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tt_mimic import features
-from tt_mimic import ingest
+from tt_mimic.config import ExportConfig
+from tt_mimic.training import pipeline
 
 try:
   import scann  # noqa: F401  pylint: disable=unused-import
@@ -42,24 +42,6 @@ except ImportError:  # pragma: no cover - scann is a pinned dependency
   HAVE_SCANN = False
 
 SCANN_SAVE_OPTIONS = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-  """What the exported indexes return and how ScaNN is built.
-
-  Attributes:
-    k: results per query.
-    max_exclusions: extra results retrieved so that up to this many excluded
-      books can be dropped and k still returned.
-    scann_num_leaves, scann_leaves_to_search, scann_reorder: ScaNN
-      parameters; 0 picks them from the corpus size (`scann_params`).
-  """
-  k: int = 100
-  max_exclusions: int = 100
-  scann_num_leaves: int = 0
-  scann_leaves_to_search: int = 0
-  scann_reorder: int = 0
 
 
 def scann_params(num_items: int, config: ExportConfig) -> dict:
@@ -307,8 +289,8 @@ def user_histories(events: pd.DataFrame, num_users: int,
   return out
 
 
-def export_run(model_dir: str, prep, built, config: ExportConfig = ExportConfig()
-               ) -> str:
+def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
+               config: ExportConfig = ExportConfig()) -> str:
   """Exports the trained model of a run; returns the export directory."""
   directory = os.path.join(model_dir, "export")
   os.makedirs(directory, exist_ok=True)
@@ -321,8 +303,7 @@ def export_run(model_dir: str, prep, built, config: ExportConfig = ExportConfig(
   candidate = CandidateModule(prep.preprocessor, built.item_tower,
                               prep.item_table["id"])
   _save(candidate, os.path.join(directory, "candidate"))
-  from tt_mimic import runner  # pylint: disable=g-import-not-at-top
-  embeddings = runner.item_embeddings(built.encoder, len(data.items))[1:]
+  embeddings = pipeline.item_embeddings(built.encoder, len(data.items))[1:]
   items = data.items[["parent_asin", "title", "author", "categories",
                       "average_rating", "rating_number", "price",
                       "train_count"]].copy()
@@ -345,50 +326,3 @@ def export_run(model_dir: str, prep, built, config: ExportConfig = ExportConfig(
     json.dump(info, f, indent=2)
   logging.info("Exported %s", directory)
   return directory
-
-
-def load_trained(model_dir: str):
-  """Rebuilds a finished run's data and DAT model from its directory.
-
-  Uses `<model_dir>/flags.cfg`, the ingest cache and the best weights of
-  `<model_dir>/variants/dat`. Must be called after the training flags are
-  defined (importing tt_mimic.train defines them).
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from tt_mimic import cli_flags, runner, train  # pylint: disable=g-import-not-at-top
-  flag_path = os.path.join(model_dir, "flags.cfg")
-  weights = os.path.join(model_dir, "variants", "dat", "best", "weights.index")
-  for path in (flag_path, weights):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: is {model_dir} a finished "
-                              "training run (python -m tt_mimic.train)?")
-  flags.FLAGS(["export", f"--flagfile={flag_path}",
-               f"--model_dir={model_dir}"])
-  feature, tower, loss, train_config = train.configs()
-  data = ingest.run_cached(cli_flags.ingest_config(), model_dir,
-                           cli_flags.CACHE_DIR.value)
-  prep = runner.prepare(data, feature, train_config)
-  from tt_mimic import experiment  # pylint: disable=g-import-not-at-top
-  tower, loss = experiment.variant_configs("dat", tower, loss)
-  built = runner.build(prep, tower, loss)
-  runner.create_variables(built, prep)
-  built.model.load_weights(weights[:-len(".index")]).expect_partial()
-  return prep, built
-
-
-def main(argv):
-  del argv
-  from tt_mimic import cli_flags  # pylint: disable=g-import-not-at-top
-  model_dir = cli_flags.MODEL_DIR.value
-  config = cli_flags.export_config()
-  try:
-    prep, built = load_trained(model_dir)
-  except FileNotFoundError as e:
-    raise SystemExit(str(e)) from None
-  export_run(model_dir, prep, built, config)
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from tt_mimic import train  # noqa: F401  (defines every flag)
-  app.run(main)

@@ -9,40 +9,30 @@ Variants (same data, split, budget and tower sizes):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 from absl import logging
 
-from tt_mimic import evaluation
-from tt_mimic import model as model_lib
-from tt_mimic import runner
-from tt_mimic import towers
-
-VARIANTS = ("popularity", "two_tower", "dat_no_cal", "dat")
+from tt_mimic.config import LossConfig
+from tt_mimic.config import TowerConfig
+from tt_mimic.config import TrainConfig
+from tt_mimic.config import VARIANTS  # noqa: F401  (re-exported)
+from tt_mimic.training import evaluation
+from tt_mimic.training import pipeline
+from tt_mimic.training import trainer
 HEADLINE = ("recall@20", "ndcg@20", "hr@20", "recall@50", "recall@100",
             "ndcg@100", "mrr")
 
 
-def variant_configs(name: str, tower: towers.TowerConfig,
-                    loss: model_lib.LossConfig):
-  """The tower and loss configs of a named variant."""
-  amm = {"two_tower": False, "dat_no_cal": True, "dat": True}[name]
-  cal = {"two_tower": False, "dat_no_cal": False, "dat": True}[name]
-  return (dataclasses.replace(tower, use_amm=amm and tower.use_amm),
-          dataclasses.replace(loss, use_amm=amm and loss.use_amm,
-                              use_cal=cal and loss.use_cal))
-
-
-def run(prep: runner.Prepared, tower: towers.TowerConfig,
-        loss: model_lib.LossConfig, train: runner.TrainConfig,
+def run(prep: pipeline.Prepared, tower: TowerConfig,
+        loss: LossConfig, train: TrainConfig,
         variants: tuple[str, ...], model_dir: str):
   """Trains/evaluates `variants`; returns (metrics, results, built models).
 
   metrics: {variant: {metric: value}} on the test split.
   results: {variant: result dict with history} for trained variants.
-  built: {variant: runner.Built} for trained variants.
+  built: {variant: pipeline.Built} for trained variants.
   """
   metrics, results, built = {}, {}, {}
   for name in variants:
@@ -51,8 +41,8 @@ def run(prep: runner.Prepared, tower: towers.TowerConfig,
           evaluation.popularity_scorer(prep.item_probability), prep.test,
           batch_size=train.eval_batch_size)
       continue
-    tower_cfg, loss_cfg = variant_configs(name, tower, loss)
-    built[name], results[name] = runner.train_variant(
+    tower_cfg, loss_cfg = pipeline.variant_configs(name, tower, loss)
+    built[name], results[name] = trainer.train_variant(
         name, prep, tower_cfg, loss_cfg, train,
         os.path.join(model_dir, "variants", name),
         os.path.join(model_dir, "tensorboard", name))

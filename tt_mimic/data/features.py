@@ -12,38 +12,21 @@ SavedModel so serving takes raw strings.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 import pandas as pd
 
-import tt_mimic  # noqa: F401
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tt_mimic import ingest
+from tt_mimic.config import FeatureConfig
+from tt_mimic.data import ingest
 
 NUMERIC_COLUMNS = ingest.NUMERIC_COLUMNS
 LOG_COLUMNS = ("rating_number", "price")  # log1p before normalization
 ROOT_CATEGORY = "Books"
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureConfig:
-  """Vocabulary caps and sequence lengths.
-
-  Attributes:
-    category_top_k: categories kept in the vocabulary (by training events).
-    author_top_k: authors kept in the vocabulary (by training events).
-    title_max_tokens: TextVectorization vocabulary size.
-    title_length: title tokens kept per book.
-    max_categories: category tokens kept per book.
-    history_length: the user's most recent training events used as features.
-  """
-  category_top_k: int = 300
-  author_top_k: int = 300
-  title_max_tokens: int = 20000
-  title_length: int = 12
-  max_categories: int = 4
-  history_length: int = 20
 
 
 def category_tokens(path: list[str], limit: int) -> list[str]:
@@ -218,6 +201,32 @@ def build_vocabularies(data: ingest.Ingested,
                       categories=category_vocab, top_categories=top_vocab,
                       title_tokens=title_vocab, means=means,
                       variances=variances)
+
+
+_SAVED_VOCABULARIES = ("authors", "categories", "top_categories",
+                       "title_tokens", "means", "variances")
+
+
+def save_vocabularies(vocab: Vocabularies, path: str) -> None:
+  """Writes the adapted state (not the id lists, which ingest stores)."""
+  state = {name: np.asarray(getattr(vocab, name)).tolist()
+           for name in _SAVED_VOCABULARIES}
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(state, f, ensure_ascii=False)
+  os.replace(path + ".tmp", path)
+
+
+def load_vocabularies(path: str, data: ingest.Ingested) -> Vocabularies:
+  """`build_vocabularies`' result from its saved state: nothing re-adapted."""
+  with open(path, encoding="utf-8") as f:
+    state = json.load(f)
+  return Vocabularies(
+      items=data.items["parent_asin"].to_numpy(dtype=object),
+      users=data.users, authors=state["authors"],
+      categories=state["categories"], top_categories=state["top_categories"],
+      title_tokens=state["title_tokens"],
+      means=np.asarray(state["means"], np.float32),
+      variances=np.asarray(state["variances"], np.float32))
 
 
 def make_preprocessor(vocab: Vocabularies,

@@ -1,0 +1,46 @@
+"""`tt-mimic catalog`: adds new books to an exported run without retraining.
+
+  tt-mimic catalog --model_dir=<run> --books_csv=<new books csv> \
+      [--update_existing]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+from tt_mimic.commands import common
+from tt_mimic.data import ingest
+from tt_mimic.serving import catalog
+from tt_mimic.serving import recommender
+
+_UPDATE_EXISTING = flags.DEFINE_bool(
+    "update_existing", False, "Also re-embed books already in the export "
+    "whose metadata changed.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["books_csv"].present:
+    raise app.UsageError("Give the new books with --books_csv=<file>.")
+  try:
+    result = catalog.add_books(common.MODEL_DIR.value,
+                               flags.FLAGS["books_csv"].value,
+                               _UPDATE_EXISTING.value)
+  except (recommender.ExportError, ingest.IngestError,
+          catalog.CatalogError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(result.summary())
+  return 0
+
+
+def run(argv=None):
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run()

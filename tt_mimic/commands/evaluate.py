@@ -1,0 +1,63 @@
+"""`tt-mimic evaluate`: full-corpus metrics of a finished run's model.
+
+Scores the chosen variant's best weights on a split of the run's own data
+(the same users, features and masking as training's evaluation), prints a
+table and writes `<model_dir>/evaluate_<variant>_<split>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from tt_mimic.commands import common
+from tt_mimic.training import evaluation
+from tt_mimic.training import experiment
+from tt_mimic.training import pipeline
+
+_EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["val", "test"],
+                                "Split to evaluate on.")
+_VARIANT = flags.DEFINE_enum("variant", "dat",
+                             ["popularity"] + list(pipeline.TRAINED_VARIANTS),
+                             "Variant to evaluate.")
+
+
+def evaluate_run(model_dir: str, split: str, variant: str) -> dict:
+  """The metrics of `variant` of the run in `model_dir` on `split`."""
+  config, prep = pipeline.open_run(model_dir)
+  eval_set = prep.val if split == "val" else prep.test
+  if variant == "popularity":
+    scorer = evaluation.popularity_scorer(prep.item_probability)
+  else:
+    built = pipeline.load_variant(model_dir, config, prep, variant)
+    scorer = pipeline.model_scorer(built, len(prep.data.items))
+  return evaluation.evaluate(scorer, eval_set,
+                             batch_size=config.train.eval_batch_size)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  model_dir = common.MODEL_DIR.value
+  common.note_ignored()
+  split, variant = _EVAL_SPLIT.value, _VARIANT.value
+  try:
+    metrics = evaluate_run(model_dir, split, variant)
+  except pipeline.RunError as e:
+    raise SystemExit(str(e)) from None
+  path = os.path.join(model_dir, f"evaluate_{variant}_{split}.json")
+  with open(path, "w") as f:
+    json.dump(metrics, f, indent=2)
+  print(f"{variant} on {split} ({metrics['users']} users, full corpus):\n"
+        f"{experiment.table({variant: metrics})}\nWritten to {path}")
+
+
+def run(argv=None):
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,52 @@
+"""`tt-mimic train`: ingest, train the compared variants, report, export.
+
+Reads the flags, runs ingest (cached), trains the compared variants with
+full-corpus validation and early stopping, writes `metrics.json`,
+`report.md`, the resolved `flags.cfg` and `config.json` to `--model_dir`,
+exports the DAT model and prints one user's recommendations.
+"""
+
+from __future__ import annotations
+
+from absl import app
+
+from tt_mimic.commands import common
+from tt_mimic.data import ingest
+from tt_mimic.serving import export
+from tt_mimic.serving import recommender
+from tt_mimic.training import experiment
+from tt_mimic.training import pipeline
+from tt_mimic.training import report
+from tt_mimic.training import trainer
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = common.run_config()
+  model_dir = common.MODEL_DIR.value
+  common.write_flags(model_dir)
+  try:
+    prep = pipeline.start_run(config, model_dir, common.CACHE_DIR.value)
+  except ingest.IngestError as e:
+    raise SystemExit(f"ingest failed: {e}") from None
+  variants = tuple(v for v in experiment.VARIANTS
+                   if v in config.train.variants)
+  try:
+    metrics, results, built = experiment.run(
+        prep, config.tower, config.loss, config.train, variants, model_dir)
+  except trainer.NonFiniteLossError as e:
+    raise SystemExit(str(e)) from None
+  report.write(model_dir, prep, metrics, results, built)
+  if config.export.export and "dat" in built:
+    export.export_run(model_dir, prep, built["dat"], config.export)
+    if config.export.recommend_k:
+      recommender.print_example(model_dir, prep, config.export.recommend_k)
+
+
+def run(argv=None):
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run()

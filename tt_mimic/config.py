@@ -1,0 +1,285 @@
+"""The frozen configs of a run: the one set of defaults and their rules.
+
+Every setting of the library lives in one of these dataclasses. Each field
+carries its help text and its bounds or choices (`setting`); the command
+layer turns the fields into absl flags with the same names (`flag` where a
+flag is named otherwise), so the command line and the Python API share the
+defaults and refuse the same values: `__post_init__` checks every bound,
+choice and cross-field rule and raises `ValueError` with the reason.
+
+`RunConfig` gathers them; a run directory holds it as `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+# -------------------------------------------------------------- the helpers
+
+VARIANTS = ("popularity", "two_tower", "dat_no_cal", "dat")
+KS = (10, 20, 50, 100)
+METRICS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "hr") for k in KS) + (
+    "mrr",)
+
+
+def setting(default, help: str, *, lower=None, upper=None, choices=None,
+            flag: str | None = None, each=None):  # pylint: disable=redefined-builtin
+  """A config field with its help text and the values it accepts.
+
+  Args:
+    default: the default (the only one in the project).
+    help: one-line help, shown by `--help`.
+    lower, upper: inclusive bounds of a number.
+    choices: allowed values of a string (for a tuple: of each element).
+    flag: the flag's name when it is not the field's.
+    each: for a tuple, the type of its elements (int or str).
+  """
+  return dataclasses.field(default=default, metadata={
+      "help": help, "lower": lower, "upper": upper, "choices": choices,
+      "flag": flag, "each": each})
+
+
+def check_fields(config) -> None:
+  """Raises ValueError for any field outside its bounds or choices."""
+  name = type(config).__name__
+  for field in dataclasses.fields(config):
+    meta, value = field.metadata, getattr(config, field.name)
+    label = f"{name}.{field.name} (--{meta.get('flag') or field.name})"
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+      if meta.get("lower") is not None and v < meta["lower"]:
+        raise ValueError(f"{label} = {value!r} is below {meta['lower']}.")
+      if meta.get("upper") is not None and v > meta["upper"]:
+        raise ValueError(f"{label} = {value!r} is above {meta['upper']}.")
+      if meta.get("choices") is not None and v not in meta["choices"]:
+        raise ValueError(f"{label} = {v!r} is not one of "
+                         f"{list(meta['choices'])}.")
+
+
+class _Checked:
+  """Checks bounds and choices on construction; subclasses add rules."""
+
+  def __post_init__(self):
+    check_fields(self)
+    self.check()
+
+  def check(self) -> None:
+    """Cross-field rules; raise ValueError."""
+
+
+# --------------------------------------------------------------- the configs
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig(_Checked):
+  """What to read and how to filter and split it."""
+  books_csv: str = setting("data/books.csv", "books.csv or books.csv.gz.")
+  users_csv: str = setting("data/users.csv",
+                           "users.csv or users.csv.gz (the events).")
+  books_limit: int = setting(2_000_000, "First N valid books (0 = all).",
+                             lower=0)
+  interactions_limit: int = setting(200_000,
+                                    "First N valid events (0 = all).", lower=0)
+  min_user_interactions: int = setting(5, "k-core threshold for users.",
+                                       lower=1)
+  min_item_interactions: int = setting(10, "k-core threshold for books.",
+                                       lower=1)
+  split: str = setting("leave_last_out", "Evaluation split: the last event "
+                       "of each user is test, the one before validation; or a "
+                       "global time cut-off.",
+                       choices=("leave_last_out", "temporal"))
+  split_cutoff_ms: int = setting(0, "Temporal split: events at or after it "
+                                 "are test (0 = 90th percentile of event "
+                                 "times).", lower=0)
+  val_fraction: float = setting(0.1, "Temporal split: latest share of "
+                                "earlier events used for validation.",
+                                lower=0.0, upper=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig(_Checked):
+  """Vocabulary caps and sequence lengths."""
+  category_top_k: int = setting(300, "Category vocabulary size.", lower=1)
+  author_top_k: int = setting(300, "Author vocabulary size.", lower=1)
+  title_max_tokens: int = setting(20000, "Title vocabulary size.", lower=2)
+  title_length: int = setting(12, "Title tokens per book.", lower=1)
+  max_categories: int = setting(4, "Category tokens kept per book.", lower=1)
+  history_length: int = setting(50, "Recent training events per user used "
+                                "as features (0: none, the towers of the DAT "
+                                "paper).", lower=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig(_Checked):
+  """Sizes and inputs of the towers.
+
+  `use_amm` makes the augmented vectors a_u, a_v exist; the mimic losses
+  follow from them (there is no second switch in `LossConfig`).
+  """
+  embedding_dim: int = setting(128, "Feature embedding width.", lower=1)
+  hidden_units: tuple[int, ...] = setting((256,), "ReLU layer widths of each "
+                                          "tower.", lower=1, each=int)
+  output_dim: int = setting(128, "Tower output (and a_u, a_v) width.",
+                            lower=1)
+  dropout: float = setting(0.0, "Dropout after hidden layers.", lower=0.0,
+                           upper=0.9)
+  use_amm: bool = setting(True, "Adaptive-Mimic Mechanism (a_u, a_v and "
+                          "their mimic losses).")
+  user_id_dropout: float = setting(0.1, "Training-time chance of hiding the "
+                                   "user id.", lower=0.0, upper=1.0)
+  recent_length: int = setting(0, "Also pool the user's N most recent "
+                               "history books on their own (0: only the pool "
+                               "of the whole history).", lower=0)
+  user_id_embedding: bool = setting(True, "Give the user tower a free "
+                                    "user-id embedding (without it, a user "
+                                    "is their history, plus a_u under AMM).")
+  history_dropout: float = setting(0.5, "Training-time chance of hiding a "
+                                   "user's whole history.", lower=0.0,
+                                   upper=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(_Checked):
+  """Main loss and DAT's extra terms."""
+  loss: str = setting("softmax", "Main loss: in-batch softmax (TFRS "
+                      "Retrieval, log-Q corrected) or DAT's BCE with "
+                      "negatives.", choices=("softmax", "bce"))
+  temperature: float = setting(0.05, "Score temperature.", lower=1e-4)
+  log_q: bool = setting(True, "Log-Q correction (softmax).")
+  uniform_negatives: int = setting(0, "Uniform corpus negatives mixed into "
+                                   "the softmax per batch; at or above the "
+                                   "corpus size, the whole corpus.", lower=0)
+  bce_negatives: int = setting(4, "Negatives per positive for --loss=bce.",
+                               lower=1)
+  use_cal: bool = setting(True, "Category Alignment Loss.")
+  lambda_u: float = setting(0.5, "Weight of loss_u.", lower=0.0)
+  lambda_v: float = setting(0.5, "Weight of loss_v.", lower=0.0)
+  lambda_ca: float = setting(1.0, "Weight of loss_CA.", lower=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Checked):
+  """Optimization, early stopping and evaluation."""
+  batch_size: int = setting(256, "Batch size.", lower=2)
+  epochs: int = setting(10, "Maximum epochs.", lower=1)
+  optimizer: str = setting("adam", "Optimizer.",
+                           choices=("adam", "adagrad", "adamw"))
+  learning_rate: float = setting(1e-3, "Learning rate (the peak, with a "
+                                 "schedule).", lower=0.0)
+  lr_schedule: str = setting("constant", "Learning-rate schedule: constant, "
+                             "or cosine decay to 0 over --epochs.",
+                             choices=("constant", "cosine"))
+  weight_decay: float = setting(1e-4, "AdamW weight decay.", lower=0.0)
+  early_stopping_metric: str = setting(
+      "recall@20", "Validation metric for early stopping and best weights.",
+      choices=METRICS)
+  patience: int = setting(2, "Early-stopping patience (0 = off).", lower=0)
+  eval_batch_size: int = setting(256, "Users scored at once in evaluation.",
+                                 lower=1)
+  eval_max_users: int = setting(20000, "Users evaluated per split (0 = all).",
+                                lower=0)
+  seed: int = setting(42, "Random seed (TF, NumPy, shuffles, samples).")
+  verbose: int = setting(1, "Keras progress: 0, 1 or 2.", lower=0, upper=2)
+  distribute: str = setting("none", "tf.distribute strategy: mirrored = all "
+                            "local GPUs; multi_worker = MultiWorkerMirrored"
+                            "Strategy with the cluster in TF_CONFIG.",
+                            choices=("none", "mirrored", "multi_worker"))
+  variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
+                                      "compare; 'dat' is the exported model.",
+                                      choices=VARIANTS, each=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(_Checked):
+  """What the exported indexes return and how ScaNN is built.
+
+  ScaNN parameters at 0 are picked from the corpus size.
+  """
+  export: bool = setting(True, "Export SavedModels and indexes after "
+                         "training.")
+  k: int = setting(100, "Results per query of the exported indexes.",
+                   lower=1, flag="export_k")
+  max_exclusions: int = setting(100, "Extra results retrieved so that "
+                                "excluded books can be dropped.", lower=0)
+  scann_num_leaves: int = setting(0, "ScaNN leaves (0 = from corpus size).",
+                                  lower=0)
+  scann_leaves_to_search: int = setting(0, "ScaNN leaves searched (0 = from "
+                                        "corpus size).", lower=0)
+  scann_reorder: int = setting(0, "ScaNN exact reordering candidates (0 = "
+                               "from corpus size).", lower=0)
+  recommend_k: int = setting(10, "Recommendations printed after training.",
+                             lower=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig(_Checked):
+  """How an export is queried and served (not part of a run's config)."""
+  index: str = setting("scann", "Exported index to query.",
+                       choices=("scann", "brute_force"))
+  k: int = setting(10, "Results per user (at most the export's k).", lower=1)
+  host: str = setting("127.0.0.1", "Address to listen on.")
+  port: int = setting(8501, "Port to listen on (0 = any free port).",
+                      lower=0, upper=65535)
+  model_name: str = setting("tt_mimic", "Model name in the URL paths.")
+  max_body_bytes: int = setting(1 << 20, "Largest request body accepted "
+                                "(413 above).", lower=1)
+  max_batch: int = setting(256, "Most users in one request.", lower=1)
+  max_history: int = setting(1000, "Most history entries per user.", lower=0)
+
+
+SECTIONS = {"ingest": IngestConfig, "features": FeatureConfig,
+            "tower": TowerConfig, "loss": LossConfig, "train": TrainConfig,
+            "export": ExportConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Every config of a run; written to `<model_dir>/config.json`."""
+  ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+  features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+  tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+  def __post_init__(self):
+    if self.features.history_length == 0 and not self.tower.user_id_embedding:
+      raise ValueError(
+          "--history_length=0 with --nouser_id_embedding leaves the user "
+          "tower no input that tells users apart; keep one of them.")
+    if self.tower.recent_length and (
+        self.tower.recent_length >= self.features.history_length):
+      raise ValueError(
+          "--recent_length must be smaller than --history_length (at or "
+          "above it, the recent pool repeats the whole-history pool).")
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "RunConfig":
+    """The inverse of `to_json`; unknown keys are an error, missing ones
+    take the defaults."""
+    raw = json.loads(text)
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+      raise ValueError(f"Unknown config sections {sorted(unknown)}.")
+    return cls(**{name: from_dict(SECTIONS[name], raw.get(name, {}))
+                  for name in SECTIONS})
+
+
+def from_dict(cls, values: dict):
+  """A config of `cls` from a dict (lists become tuples)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(values) - names
+  if unknown:
+    raise ValueError(f"Unknown {cls.__name__} fields {sorted(unknown)}.")
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for name, value in values.items():
+    if typing.get_origin(hints[name]) is tuple:
+      value = tuple(value)
+    out[name] = value
+  return cls(**out)

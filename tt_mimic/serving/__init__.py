@@ -1,0 +1,2 @@
+"""Serving: SavedModel export, the Recommender, the HTTP server, the
+catalog of new books."""

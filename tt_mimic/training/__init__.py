@@ -1,0 +1,2 @@
+"""Training: the pipeline from configs to models, the trainer, evaluation,
+the compared variants and the report."""

@@ -1,0 +1,300 @@
+"""The one pipeline from configs to data and models, and the run directory.
+
+Training, export, evaluation and the benchmarks all go through `prepare`:
+ingest (cached) -> vocabularies and the item feature table -> training
+sequence and evaluation sets. A run directory stands on its own:
+
+  config.json        the resolved `RunConfig`
+  run.json           where the run's ingested artifacts are (inside the run)
+  ingest/<key>/      the ingested artifacts (copied in from an outside cache)
+  preprocessing/     the adapted vocabularies and the item feature table
+  variants/<name>/   each variant's best weights (see `trainer`)
+
+so `open_run` rebuilds a finished run without the source CSVs, and
+`load_variant` restores a trained variant's towers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+from absl import logging
+import numpy as np
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tt_mimic.config import FeatureConfig
+from tt_mimic.config import LossConfig
+from tt_mimic.config import RunConfig
+from tt_mimic.config import TowerConfig
+from tt_mimic.config import TrainConfig
+from tt_mimic.data import features
+from tt_mimic.data import ingest
+from tt_mimic.data import pipeline as data_lib
+from tt_mimic.model import dat as model_lib
+from tt_mimic.model import towers
+from tt_mimic.training import evaluation
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+PREPROCESSING_DIR = "preprocessing"
+TRAINED_VARIANTS = ("two_tower", "dat_no_cal", "dat")
+
+
+class RunError(FileNotFoundError):
+  """A directory that is not a usable (finished) run, with the reason."""
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@dataclasses.dataclass
+class Prepared:
+  """Everything derived once from the ingested data, shared by variants."""
+  data: ingest.Ingested
+  vocab: features.Vocabularies
+  feature_config: FeatureConfig
+  preprocessor: features.ItemPreprocessor
+  item_table: dict
+  sequence: data_lib.TrainSequence
+  user_id_index: np.ndarray
+  item_probability: np.ndarray
+  val: data_lib.EvalSet
+  test: data_lib.EvalSet
+
+
+def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
+                         state_dir: str | None):
+  """Vocabularies and item table: loaded from `state_dir` when it holds them
+  for the same data and features, else built (and saved there)."""
+  stamp = {"ingest": os.path.basename(data.directory or ""),
+           "features": dataclasses.asdict(feature_config)}
+  paths = {name: os.path.join(state_dir or "", name) for name in
+           ("state.json", "vocabularies.json", "item_table.npz")}
+  if state_dir and all(os.path.exists(p) for p in paths.values()):
+    with open(paths["state.json"]) as f:
+      if json.load(f) == stamp:
+        vocab = features.load_vocabularies(paths["vocabularies.json"], data)
+        with np.load(paths["item_table.npz"]) as saved:
+          table = {name: saved[name] for name in saved.files}
+        return vocab, table
+  vocab = features.build_vocabularies(data, feature_config)
+  preprocessor = features.make_preprocessor(vocab, feature_config)
+  table = features.build_item_table(data.items, preprocessor, feature_config)
+  if state_dir:
+    os.makedirs(state_dir, exist_ok=True)
+    features.save_vocabularies(vocab, paths["vocabularies.json"])
+    np.savez(paths["item_table.npz"], **table)
+    with open(paths["state.json"], "w") as f:
+      json.dump(stamp, f, indent=1)
+  return vocab, table
+
+
+def prepare(data: ingest.Ingested, feature_config: FeatureConfig,
+            train_config: TrainConfig,
+            state_dir: str | None = None) -> Prepared:
+  """Vocabularies, item table, training sequence and evaluation sets.
+
+  Args:
+    data: the ingested artifacts.
+    feature_config: vocabulary caps and history length.
+    train_config: its seed and eval_max_users pick the evaluated users.
+    state_dir: where the preprocessing state is kept (a run's
+      `preprocessing/`); None builds it and keeps nothing.
+  """
+  vocab, table = _preprocessing_state(data, feature_config, state_dir)
+  preprocessor = features.make_preprocessor(vocab, feature_config)
+  for name, values in table.items():
+    if not np.all(np.isfinite(values)):
+      raise ValueError(f"Item feature '{name}' has non-finite values after "
+                       "preprocessing; check the numeric columns.")
+  train = data.events[data.events["split"] == ingest.SPLIT_TRAIN]
+  num_users = len(data.users)
+  trained_users = np.zeros(num_users + 1, bool)
+  trained_users[train["user"].to_numpy()] = True
+  user_id_index = np.where(trained_users, np.arange(num_users + 1), 0)
+  counts = np.r_[0, data.items["train_count"].to_numpy()].astype(np.float64)
+  probability = counts / counts.sum()
+  h = feature_config.history_length
+  make = lambda split: data_lib.eval_set(  # noqa: E731
+      data.events, split, user_id_index, h, train_config.eval_max_users,
+      train_config.seed)
+  return Prepared(data=data, vocab=vocab, feature_config=feature_config,
+                  preprocessor=preprocessor, item_table=table,
+                  sequence=data_lib.train_sequence(data.events),
+                  user_id_index=user_id_index,
+                  item_probability=probability.astype(np.float32),
+                  val=make(ingest.SPLIT_VAL), test=make(ingest.SPLIT_TEST))
+
+
+# ------------------------------------------------------------------ runs
+
+
+def _inside(path: str, directory: str) -> bool:
+  path, directory = os.path.realpath(path), os.path.realpath(directory)
+  return os.path.commonpath([path, directory]) == directory
+
+
+def _copy_into_run(data: ingest.Ingested, model_dir: str) -> None:
+  """Copies artifacts cached outside the run into `<model_dir>/ingest/`."""
+  target = os.path.join(model_dir, "ingest", os.path.basename(data.directory))
+  if not os.path.exists(os.path.join(target, "ingest_report.json")):
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    shutil.copytree(data.directory, target + ".tmp")
+    os.replace(target + ".tmp", target)
+  data.directory = target
+
+
+def start_run(config: RunConfig, model_dir: str,
+              cache_dir: str | None = None) -> Prepared:
+  """Writes the run's config, ingests (cached) and prepares the data.
+
+  Raises:
+    ingest.IngestError: the input cannot be used.
+  """
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json() + "\n")
+  data = ingest.run_cached(config.ingest, model_dir, cache_dir)
+  if not _inside(data.directory, model_dir):
+    _copy_into_run(data, model_dir)
+  with open(os.path.join(model_dir, RUN_FILE), "w") as f:
+    json.dump({"ingest_dir": os.path.relpath(data.directory, model_dir)}, f,
+              indent=1)
+  return prepare(data, config.features, config.train,
+                 os.path.join(model_dir, PREPROCESSING_DIR))
+
+
+def read_config(model_dir: str) -> RunConfig:
+  """The run's resolved config (`<model_dir>/config.json`)."""
+  path = os.path.join(model_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise RunError(f"{path} not found: is {model_dir} a training run "
+                   "(tt-mimic train)?")
+  with open(path) as f:
+    return RunConfig.from_json(f.read())
+
+
+def open_run(model_dir: str) -> tuple[RunConfig, Prepared]:
+  """A run's config and prepared data, from the run directory alone."""
+  config = read_config(model_dir)
+  path = os.path.join(model_dir, RUN_FILE)
+  if not os.path.exists(path):
+    raise RunError(f"{path} not found: {model_dir} was not ingested.")
+  with open(path) as f:
+    directory = os.path.join(model_dir, json.load(f)["ingest_dir"])
+  if not os.path.exists(os.path.join(directory, "ingest_report.json")):
+    raise RunError(f"The run's ingested data {directory} is missing.")
+  data = ingest.load(directory)
+  logging.info("Opened run %s (%d books, %d users)", model_dir,
+               len(data.items), len(data.users))
+  return config, prepare(data, config.features, config.train,
+                         os.path.join(model_dir, PREPROCESSING_DIR))
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class Built:
+  model: model_lib.DATModel
+  user_tower: towers.UserTower
+  item_tower: towers.ItemTower
+  encoder: model_lib.ItemIndexEncoder
+
+
+def variant_configs(name: str, tower: TowerConfig,
+                    loss: LossConfig) -> tuple[TowerConfig, LossConfig]:
+  """The tower and loss configs of a named variant (AMM and CAL only where
+  the variant has them and the configs allow them)."""
+  amm = {"two_tower": False, "dat_no_cal": True, "dat": True}[name]
+  cal = {"two_tower": False, "dat_no_cal": False, "dat": True}[name]
+  return (dataclasses.replace(tower, use_amm=amm and tower.use_amm),
+          dataclasses.replace(loss, use_cal=cal and loss.use_cal))
+
+
+def build(prep: Prepared, tower_config: TowerConfig,
+          loss_config: LossConfig) -> Built:
+  """The towers and the DAT model for one variant."""
+  sizes = prep.vocab.sizes()
+  table = towers.make_item_table(prep.item_table)
+  metadata = towers.ItemFeatureEmbedding(sizes, tower_config.embedding_dim,
+                                         name="item_metadata")
+  item_tower = towers.ItemTower(sizes, tower_config, metadata,
+                                name="item_tower")
+  user_tower = towers.UserTower(sizes, tower_config, table, metadata,
+                                name="user_tower")
+  encoder = model_lib.ItemIndexEncoder(item_tower, table, name="item_encoder")
+  model = model_lib.DATModel(user_tower, encoder, prep.item_probability,
+                             loss_config)
+  return Built(model, user_tower, item_tower, encoder)
+
+
+def create_variables(built: Built, prep: Prepared) -> None:
+  """Calls both towers once so every variable exists (before restoring)."""
+  batch = dummy_batch(prep)
+  built.user_tower(batch)
+  built.encoder(batch["item"])
+
+
+def dummy_batch(prep: Prepared) -> dict:
+  h = prep.feature_config.history_length
+  return {"user_id": tf.constant([1, 1], tf.int64),
+          "history": tf.zeros([2, h], tf.int64),
+          "item": tf.constant([1, 1], tf.int64)}
+
+
+def best_weights(model_dir: str, name: str) -> str:
+  """The checkpoint prefix of a variant's best weights."""
+  return os.path.join(model_dir, "variants", name, "best", "weights")
+
+
+def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
+                 name: str = "dat") -> Built:
+  """A trained variant of a run, with its best weights.
+
+  Raises:
+    RunError: the variant has no best weights.
+  """
+  if name not in TRAINED_VARIANTS:
+    raise ValueError(f"{name!r} is not a trained variant; expected one of "
+                     f"{TRAINED_VARIANTS}.")
+  weights = best_weights(model_dir, name)
+  if not os.path.exists(weights + ".index"):
+    raise RunError(f"{weights}.index not found: the run in {model_dir} has "
+                   f"no trained '{name}' variant (train it with "
+                   f"--variants=...,{name}).")
+  tower, loss = variant_configs(name, config.tower, config.loss)
+  built = build(prep, tower, loss)
+  create_variables(built, prep)
+  built.model.load_weights(weights).expect_partial()
+  return built
+
+
+# ------------------------------------------------------------- embeddings
+
+
+def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
+                    batch_size: int = 8192) -> np.ndarray:
+  """[num_items + 1, dim] embeddings of the whole corpus; row 0 is zeros."""
+  parts = []
+  for start in range(1, num_items + 1, batch_size):
+    ids = tf.range(start, min(start + batch_size, num_items + 1), dtype=tf.int64)
+    parts.append(encoder(ids)[0].numpy())
+  out = np.concatenate(parts)
+  return np.concatenate([np.zeros_like(out[:1]), out])
+
+
+def model_scorer(built: Built, num_items: int,
+                 embeddings: np.ndarray | None = None) -> callable:
+  """Scores users against the corpus; `embeddings` as from `item_embeddings`
+  (computed here when not given)."""
+  if embeddings is None:
+    embeddings = item_embeddings(built.encoder, num_items)
+  query = lambda batch: built.user_tower(batch)[0]  # noqa: E731
+  return evaluation.embedding_scorer(query, embeddings)
