@@ -48,7 +48,7 @@ def main(argv):
   users = _NUM_USERS.value or max(events // 3, 50)
   directory = _KEEP.value or tempfile.mkdtemp(prefix="tt_mimic_scale_")
   start = time.time()
-  subprocess.run([sys.executable, "-m", "tt_mimic.synth",
+  subprocess.run([sys.executable, "-m", "tt_mimic", "synth",
                   f"--out_dir={directory}", f"--num_books={books}",
                   f"--num_users={users}", f"--num_events={events}", "--gzip"],
                  check=True)

@@ -157,7 +157,7 @@ def prepared(directory, feature_config=None, train_config=None,
 
 
 def train_flags(dataset: Dataset, model_dir: str, **overrides) -> dict:
-  """Flag values of a tiny `tt_mimic.train` run, as Python values.
+  """Flag values of a tiny `tt-mimic train` run, as Python values.
 
   Suitable for `flagsaver.flagsaver(**train_flags(...))`; `as_argv` turns
   them into command-line arguments.

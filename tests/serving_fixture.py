@@ -5,7 +5,7 @@ users.csv pair with genre structure (each genre has its own category path,
 authors and title words; each user mostly reads one genre, popular books
 more often), so that one epoch of a tiny model learns something.
 `train_run(model_dir, books_csv, users_csv)` trains and exports the DAT
-variant through `tt_mimic.train.main` with tiny sizes. `write_new_books`
+variant through `tt_mimic.commands.train.main` with tiny sizes. `write_new_books`
 writes a books CSV for `tt_mimic.catalog`: new books, one already in the
 corpus and rows the parser must skip.
 """

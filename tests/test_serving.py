@@ -34,6 +34,8 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from tt_mimic.commands import catalog as catalog_command
+from tt_mimic.config import ServeConfig
 from tt_mimic.serving import catalog
 from tt_mimic.serving import recommender as recommend
 from tt_mimic.serving import server as serve
@@ -128,17 +130,17 @@ def processes(run, users, tmp_path_factory):
   waits for one. The server is returned running.
   """
   py = sys.executable
-  cli = [py, "-m", "tt_mimic.recommend", f"--model_dir={run.model_dir}",
+  cli = [py, "-m", "tt_mimic", "recommend", f"--model_dir={run.model_dir}",
          f"--user_id={users[0]}", "--k=5"]
   commands = {
-      "serve": [py, "-m", "tt_mimic.serve", f"--model_dir={run.model_dir}",
+      "serve": [py, "-m", "tt_mimic", "serve", f"--model_dir={run.model_dir}",
                 "--port=0", "--index=brute_force"],
       "fresh": [py, "-c", _FRESH_LOAD, run.export,
                 ",".join(users[:3] + ["no-such-user"])],
       "table": cli + ["--format=table"],
       "json": cli + ["--format=json", "--index=brute_force",
                      "--history=G1B000,nope"],
-      "bad_dir": [py, "-m", "tt_mimic.recommend",
+      "bad_dir": [py, "-m", "tt_mimic", "recommend",
                   f"--model_dir={run.directory / 'missing'}", "--user_id=x"],
   }
   server_log = open(tmp_path_factory.mktemp("serve") / "stderr.txt", "w+")
@@ -426,19 +428,19 @@ def test_catalog_main(run, tmp_path, capsys):
   known = str(tmp_path / "known.csv")
   run.books.iloc[:3].to_csv(known, index=False)
   with flagsaver.flagsaver(model_dir=run.model_dir, books_csv=known):
-    assert catalog.main(["catalog"]) == 0
+    assert catalog_command.main(["catalog"]) == 0
   out = capsys.readouterr().out
   assert "read 3 rows, kept 3" in out and "nothing to change" in out
   for model_dir, books_csv in ((str(tmp_path / "missing"), known),
                                (run.model_dir, str(tmp_path / "none.csv"))):
     with flagsaver.flagsaver(model_dir=model_dir, books_csv=books_csv):
-      assert catalog.main(["catalog"]) == 1
+      assert catalog_command.main(["catalog"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
   with flagsaver.flagsaver(model_dir=run.model_dir):
     assert flags.FLAGS["books_csv"].using_default_value
     with pytest.raises(app.UsageError):
-      catalog.main(["catalog"])
+      catalog_command.main(["catalog"])
 
 
 # ------------------------------------------------------------ HTTP server

@@ -272,7 +272,7 @@ def test_default_config_survives_kcore(tmp_path):
 
 def test_command_line_writes_gzip(tmp_path):
   subprocess.run(
-      [sys.executable, "-m", "tt_mimic.synth", f"--out_dir={tmp_path}",
+      [sys.executable, "-m", "tt_mimic", "synth", f"--out_dir={tmp_path}",
        "--num_books=200", "--num_users=100", "--num_events=2000", "--seed=7",
        "--gzip"], check=True, capture_output=True)
   books, events = _read(str(tmp_path), "books.csv.gz", "users.csv.gz")
@@ -280,10 +280,11 @@ def test_command_line_writes_gzip(tmp_path):
   assert events["userId"].nunique() == TINY.num_users
 
 
-def test_import_leaves_global_flags_alone():
-  # Entry points define --seed etc. in absl's global FLAGS; synth keeps its
-  # flags in its own registry so that both can be imported together.
+def test_synth_command_leaves_global_flags_alone():
+  # The other commands define --seed etc. in absl's global FLAGS; the synth
+  # command keeps its flags in its own registry so both can be imported.
+  from tt_mimic.commands import synth as synth_command  # pylint: disable=g-import-not-at-top
   for name in ("out_dir", "num_books", "num_users", "num_events", "seed",
                "gzip", "dirt"):
-    own = synth._FLAGS[name]
+    own = synth_command._FLAGS[name]
     assert name not in flags.FLAGS or flags.FLAGS[name] is not own, name

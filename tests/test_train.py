@@ -1,4 +1,4 @@
-"""End-to-end tests of `tt_mimic.train` on a tiny generated dataset."""
+"""End-to-end tests of `tt-mimic train` on a tiny generated dataset."""
 
 import glob
 import json
@@ -287,7 +287,7 @@ class LearningRateScheduleTest(tf.test.TestCase):
     self.assertAllClose(self._rates("constant", 4), [0.1] * 4)
 
   def test_unknown_schedule(self):
-    with self.assertRaisesRegex(ValueError, "lr_schedule 'step'"):
+    with self.assertRaisesRegex(ValueError, "lr_schedule.*'step' is not one of"):
       trainer.make_optimizer(runner.TrainConfig(lr_schedule="step"))
 
 
@@ -321,7 +321,7 @@ class ResumeTest(tf.test.TestCase):
     values = model_fixture.train_flags(
         self.dataset, model_dir, epochs=self.EPOCHS, patience=0,
         variants=["two_tower"])
-    return [sys.executable, "-m", "tt_mimic.train",
+    return [sys.executable, "-m", "tt_mimic", "train",
             *model_fixture.as_argv(values)]
 
   def setUp(self):

@@ -24,7 +24,7 @@ _UPDATE_EXISTING = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["books_csv"].present:
+  if flags.FLAGS["books_csv"].using_default_value:
     raise app.UsageError("Give the new books with --books_csv=<file>.")
   try:
     result = catalog.add_books(common.MODEL_DIR.value,

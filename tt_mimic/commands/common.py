@@ -118,7 +118,7 @@ def serve_config() -> config_lib.ServeConfig:
 
 def given(names) -> list[str]:
   """The flags of `names` set on the command line or in a flagfile."""
-  return [name for name in names if FLAGS[name].present]
+  return [name for name in names if not FLAGS[name].using_default_value]
 
 
 def note_ignored(keep=()) -> None:
