@@ -1,6 +1,9 @@
 """Tests for the synthetic Amazon Books generator (tt_mimic.synth)."""
 
+import configparser
+import fnmatch
 import gzip
+import importlib.resources
 import json
 import os
 import re
@@ -16,6 +19,12 @@ from tt_mimic.data import synth
 
 TINY = synth.SynthConfig(num_books=200, num_users=100, num_events=2000, seed=7)
 TOP_NAMES = {top.name for top in synth._TOPS}
+# The data files the generator reads, in tt_mimic/data/words/.
+WORD_LISTS = ("common_nouns.txt", "common_adjectives.txt",
+              "common_subtitles.txt", "places.txt", "first_names.txt",
+              "last_names.txt")
+CATEGORY_TREE = "categories.json"
+SETUP_CFG = os.path.join(os.path.dirname(__file__), os.pardir, "setup.cfg")
 
 
 def _read(directory, books_name="books.csv", users_name="users.csv"):
@@ -71,6 +80,37 @@ def test_asins_are_unique_and_well_formed(tiny):
   for isbn in isbns:  # ISBN-10 check digit: weighted sum divisible by 11
     digits = [10 if c == "X" else int(c) for c in isbn]
     assert sum((10 - i) * d for i, d in enumerate(digits)) % 11 == 0, isbn
+
+
+def _word_files():
+  """The files of tt_mimic/data/words/, found as package resources."""
+  words = importlib.resources.files("tt_mimic.data") / "words"
+  assert words.is_dir()
+  return {entry.name: entry for entry in words.iterdir() if entry.is_file()}
+
+
+def test_word_files_are_package_resources():
+  files = _word_files()
+  assert set(files) == {*WORD_LISTS, CATEGORY_TREE}
+  for name in WORD_LISTS:
+    words = synth._read_words(name)
+    assert words and all(w and w == w.strip() for w in words), name
+  tree = json.loads(files[CATEGORY_TREE].read_text(encoding="utf-8"))
+  assert len(tree["tops"]) == len(synth._TOPS) > 0
+  for top in synth._TOPS:
+    assert top.subcategories and top.nouns and top.adjectives, top.name
+  assert synth._FIRST_NAMES == synth._read_words("first_names.txt")
+
+
+def test_setup_cfg_ships_every_word_file():
+  # A non-editable install (pip install ., a wheel) only gets the files
+  # that [options.package_data] names.
+  setup = configparser.ConfigParser()
+  setup.read(SETUP_CFG, encoding="utf-8")
+  patterns = setup["options.package_data"]["tt_mimic.data"].replace(
+      ",", " ").split()
+  for name in _word_files():
+    assert any(fnmatch.fnmatch(f"words/{name}", p) for p in patterns), name
 
 
 def test_format_asins_known_isbn():

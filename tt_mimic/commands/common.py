@@ -29,26 +29,39 @@ CACHE_DIR = flags.DEFINE_string(
     "a run copies what it uses from elsewhere into its own directory).")
 
 
+def _limits(meta) -> str:
+  """The accepted values, for the help text."""
+  if meta.get("choices"):
+    return f" One of: {', '.join(map(str, meta['choices']))}."
+  lower, upper = meta.get("lower"), meta.get("upper")
+  if lower is not None and upper is not None:
+    return f" From {lower} to {upper}."
+  if lower is not None:
+    return f" At least {lower}."
+  return ""
+
+
 def _define(cls) -> dict[str, str]:
-  """Defines one flag per field of `cls`; returns {field name: flag name}."""
+  """Defines one flag per field of `cls`; returns {field name: flag name}.
+
+  Bounds and choices are checked by the configs alone (see `_validate`), so
+  the command line refuses a value with the same message as the Python API.
+  """
   hints = typing.get_type_hints(cls)
   names = {}
   for field in dataclasses.fields(cls):
     meta = field.metadata
     name = meta.get("flag") or field.name
-    kind, default, text = hints[field.name], field.default, meta["help"]
-    bounds = {"lower_bound": meta.get("lower"),
-              "upper_bound": meta.get("upper")}
+    kind, default = hints[field.name], field.default
+    text = meta["help"] + _limits(meta)
     if typing.get_origin(kind) is tuple:
       flags.DEFINE_list(name, [str(v) for v in default], text)
     elif kind is bool:
       flags.DEFINE_bool(name, default, text)
     elif kind is int:
-      flags.DEFINE_integer(name, default, text, **bounds)
+      flags.DEFINE_integer(name, default, text)
     elif kind is float:
-      flags.DEFINE_float(name, default, text, **bounds)
-    elif meta.get("choices"):
-      flags.DEFINE_enum(name, default, list(meta["choices"]), text)
+      flags.DEFINE_float(name, default, text)
     else:
       flags.DEFINE_string(name, default, text)
     names[field.name] = name

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import importlib.resources
 import io
 import json
 import os
@@ -126,227 +127,39 @@ class _Top:
   subtitles: tuple[str, ...] = ()
 
 
-_TOPS = (
-    _Top("Literature & Fiction", 0.15, 14.0, True,
-         ("Genre Fiction", "Literary Fiction", "Contemporary Fiction",
-          "Historical Fiction", "Women's Fiction", "Classics", "Poetry",
-          "Short Stories & Anthologies"),
-         ("Orchard", "Widow", "Sister", "Lighthouse", "Inheritance",
-          "Homecoming", "Vineyard", "Painter", "Novelist", "Season",
-          "Café", "Piano", "Farewell", "Harvest"),
-         ("Unlikely", "Lonely", "Ordinary", "Remarkable", "Tender",
-          "Faraway", "Beautiful", "Invisible")),
-    _Top("Mystery, Thriller & Suspense", 0.11, 13.0, True,
-         ("Thrillers & Suspense", "Mystery", "Crime Fiction",
-          "Cozy Mysteries", "Police Procedurals", "Legal Thrillers"),
-         ("Murder", "Killer", "Witness", "Detective", "Alibi", "Crime",
-          "Suspect", "Confession", "Vanishing", "Verdict", "Cold Case",
-          "Body", "Stranger", "Informant"),
-         ("Deadly", "Silent", "Cold", "Missing", "Fatal", "Guilty",
-          "Hidden", "Perfect")),
-    _Top("Romance", 0.10, 9.0, True,
-         ("Contemporary", "Historical Romance", "Paranormal",
-          "Romantic Suspense", "Regency", "Western", "Romantic Comedy"),
-         ("Duke", "Bride", "Kiss", "Cowboy", "Billionaire", "Wedding",
-          "Proposal", "Earl", "Rogue", "Scandal", "Heartbreaker",
-          "Fiancé", "Affair", "Valentine"),
-         ("Wicked", "Reckless", "Sweet", "Forbidden", "Scandalous",
-          "Unexpected", "Irresistible", "Accidental")),
-    _Top("Science Fiction & Fantasy", 0.08, 15.0, True,
-         ("Fantasy", "Science Fiction", "Epic Fantasy", "Dystopian",
-          "Space Opera", "Urban Fantasy", "Gaming"),
-         ("Dragon", "Empire", "Star", "Throne", "Sword", "Void", "Galaxy",
-          "Mage", "Realm", "Starship", "Prophecy", "Machine", "Colony",
-          "Exile"),
-         ("Iron", "Shattered", "Eternal", "Crimson", "Stellar", "Arcane",
-          "Infinite", "Hollow")),
-    _Top("Children's Books", 0.08, 8.0, True,
-         ("Animals", "Growing Up & Facts of Life", "Literature & Fiction",
-          "Education & Reference", "Early Learning",
-          "Fairy Tales, Folk Tales & Myths", "Activities, Crafts & Games"),
-         ("Bunny", "Dragon", "Bear", "Moon", "Puppy", "Friend", "Tractor",
-          "Dinosaur", "Bedtime", "Kitten", "Monster", "Treehouse",
-          "Unicorn", "Piñata"),
-         ("Little", "Brave", "Sleepy", "Magic", "Tiny", "Giant", "Silly",
-          "Busy")),
-    _Top("Teen & Young Adult", 0.04, 11.0, True,
-         ("Literature & Fiction", "Romance", "Mysteries & Thrillers",
-          "Science Fiction & Fantasy", "Social & Family Issues"),
-         ("Academy", "Rebel", "Crush", "Prom", "Curse", "Witch", "Summer",
-          "Secret", "Rival", "Chosen"),
-         ("Wicked", "Fearless", "Invisible", "Reckless", "Cursed",
-          "Brilliant", "Furious")),
-    _Top("Biographies & Memoirs", 0.05, 16.0, False,
-         ("Memoirs", "Leaders & Notable People", "Arts & Literature",
-          "Historical", "Professionals & Academics",
-          "Travelers & Explorers"),
-         ("Life", "Childhood", "Father", "Mother", "Road", "Voice", "Home",
-          "Years", "Daughter", "Kitchen", "Promise"),
-         ("Unfinished", "Wild", "Improbable", "Quiet", "Long", "Honest",
-          "Restless"),
-         ("A Memoir", "My Life in Pictures", "A Life", "Growing Up Poor, "
-          "Growing Up Proud")),
-    _Top("History", 0.05, 18.0, False,
-         ("Americas", "Europe", "Military", "World", "Ancient Civilizations",
-          "Asia", "Africa"),
-         ("Empire", "Revolution", "Frontier", "Siege", "Republic", "Crusade",
-          "Dynasty", "Battle", "Conquest", "Armada", "Silk Road"),
-         ("Forgotten", "Great", "Lost", "First", "Last", "Bloody",
-          "Glorious"),
-         ("A History", "A New History", "The Untold Story",
-          "How One War Changed the World", "1776–1815")),
-    _Top("Religion & Spirituality", 0.05, 14.0, False,
-         ("Christian Books & Bibles", "New Age & Spirituality",
-          "Religious Studies", "Buddhism", "Judaism", "Islam"),
-         ("Grace", "Prayer", "Faith", "Soul", "Spirit", "Presence",
-          "Blessing", "Psalm", "Mercy", "Awakening", "Karma"),
-         ("Quiet", "Sacred", "Daily", "Everlasting", "Unshakable",
-          "Holy", "Mindful"),
-         ("A Devotional", "365 Days of Peace", "Finding God in Everyday "
-          "Life", "A Spiritual Journey")),
-    _Top("Business & Money", 0.04, 20.0, False,
-         ("Management & Leadership", "Personal Finance", "Investing",
-          "Marketing & Sales", "Economics",
-          "Small Business & Entrepreneurship", "Job Hunting & Careers"),
-         ("Leadership", "Strategy", "Money", "Wealth", "Negotiation",
-          "Startup", "Investor", "Marketing", "Growth", "Innovation",
-          "Capital", "Résumé"),
-         ("Lean", "Smart", "Intelligent", "Essential", "Effective",
-          "Agile", "Fearless", "Millionaire"),
-         ("A Practical Guide", "Build, Measure, Learn",
-          "What the Rich Teach Their Kids", "Why Some Companies Win",
-          "Strategies That Work")),
-    _Top("Self-Help", 0.04, 15.0, False,
-         ("Personal Transformation", "Motivational", "Relationships",
-          "Happiness", "Stress Management", "Time Management"),
-         ("Habit", "Mindset", "Courage", "Power", "Focus", "Gratitude",
-          "Purpose", "Confidence", "Calm", "Clarity"),
-         ("Atomic", "Subtle", "Daring", "Unstoppable", "Tiny", "Radical",
-          "Joyful"),
-         ("An Easy & Proven Way to Build Good Habits",
-          "How to Stop Worrying and Start Living",
-          "The Life-Changing Magic of Saying No",
-          "Lessons in Letting Go")),
-    _Top("Health, Fitness & Dieting", 0.04, 17.0, False,
-         ("Diets & Weight Loss", "Exercise & Fitness",
-          "Alternative Medicine", "Psychology & Counseling", "Nutrition",
-          "Diseases & Physical Ailments"),
-         ("Gut", "Brain", "Body", "Metabolism", "Sleep", "Diet", "Strength",
-          "Fasting", "Heart", "Longevity", "Keto"),
-         ("Healthy", "Whole", "Fit", "Clean", "Ageless", "Plant-Based",
-          "Anti-Inflammatory"),
-         ("The Science of Living Well", "A 30-Day Plan",
-          "Eat, Move, and Sleep Better", "Heal Your Body Naturally")),
-    _Top("Cookbooks, Food & Wine", 0.03, 24.0, False,
-         ("Baking", "Regional & International", "Quick & Easy",
-          "Special Diet", "Beverages & Wine", "Vegetarian & Vegan",
-          "Desserts"),
-         ("Kitchen", "Table", "Bread", "Pasta", "Skillet", "Soup", "Pantry",
-          "Grill", "Crème Brûlée", "Pâtisserie", "Sourdough", "Dumpling"),
-         ("Everyday", "Simple", "Vegan", "Homemade", "Rustic", "Southern",
-          "Weeknight", "Mediterranean"),
-         ("100 Recipes for Every Day", "Salt, Fat, Acid, Heat",
-          "Recipes from My Grandmother's Kitchen",
-          "Cooking with the Seasons")),
-    _Top("Politics & Social Sciences", 0.03, 18.0, False,
-         ("Politics & Government", "Social Sciences", "Philosophy",
-          "Sociology", "Anthropology"),
-         ("Democracy", "Justice", "Nation", "Power", "Freedom", "Class",
-          "Tribe", "Citizen", "Inequality", "Truth"),
-         ("Divided", "Fragile", "Common", "Moral", "Hidden", "Open"),
-         ("Why Nations Fail", "A Social History", "What Everyone Needs to "
-          "Know", "The Politics of Belonging")),
-    _Top("Arts & Photography", 0.025, 30.0, False,
-         ("Photography & Video", "Music", "Painting", "Architecture",
-          "Drawing", "Performing Arts"),
-         ("Light", "Color", "Canvas", "Sketchbook", "Portrait", "Studio",
-          "Lens", "Melody", "Design", "Bauhaus"),
-         ("Modern", "Visual", "Abstract", "Timeless", "Creative",
-          "Iconic"),
-         ("A Visual History", "Techniques and Inspiration",
-          "The Complete Course", "Photographs, 1960–2020")),
-    _Top("Computers & Technology", 0.02, 40.0, False,
-         ("Programming", "Computer Science", "Networking & Cloud Computing",
-          "Web Development & Design", "Security & Encryption",
-          "Databases & Big Data"),
-         ("Python", "Algorithms", "Code", "Data", "Cloud", "Network",
-          "Software", "Kubernetes", "Machine Learning", "Security",
-          "JavaScript"),
-         ("Clean", "Pragmatic", "Practical", "Effective", "Distributed",
-          "Secure", "Modern"),
-         ("A Hands-On Introduction", "Patterns, Principles, and Practices",
-          "The Definitive Guide", "From Novice to Professional")),
-    _Top("Science & Math", 0.025, 22.0, False,
-         ("Mathematics", "Physics", "Biological Sciences",
-          "Nature & Ecology", "Astronomy & Space Science", "Chemistry"),
-         ("Universe", "Gene", "Cell", "Quantum", "Number", "Cosmos",
-          "Evolution", "Forest", "Ocean", "Atom", "Calculus"),
-         ("Elegant", "Hidden", "Selfish", "Infinite", "Curious", "Wild"),
-         ("A Brief History", "The Story of Life on Earth",
-          "An Intimate History", "Why Things Are the Way They Are")),
-    _Top("Comics & Graphic Novels", 0.02, 16.0, True,
-         ("Manga", "Graphic Novels", "Comic Strips", "Publishers",
-          "Fantasy"),
-         ("Hero", "Titan", "Blade", "Ninja", "Academy", "Saga", "Squad",
-          "Legacy", "Ronin", "Vigilante"),
-         ("Invincible", "Dark", "Astonishing", "Uncanny", "Savage",
-          "Ultimate")),
-    _Top("Travel", 0.015, 19.0, False,
-         ("United States", "Europe", "Asia", "Food, Lodging & Transportation",
-          "Travel Writing", "Specialty Travel"),
-         ("Road Trip", "Island", "Coast", "Passage", "Journey", "Trail",
-          "Provence", "Patagonia", "Kyoto", "Reykjavík"),
-         ("Wandering", "Slow", "Hidden", "Grand", "Rough", "Best"),
-         ("A Traveler's Guide", "The Best of 2022", "On the Road Again",
-          "Walking, Eating, and Drinking Across a Continent")),
-    _Top("Sports & Outdoors", 0.015, 18.0, False,
-         ("Baseball", "Football (American)", "Hiking & Camping", "Golf",
-          "Hunting & Fishing", "Soccer"),
-         ("Game", "Season", "Trail", "Summit", "Swing", "Champion", "Coach",
-          "Playbook", "River"),
-         ("Perfect", "Winning", "Wild", "Lost", "Last", "Golden"),
-         ("A Season on the Brink", "The Inside Story", "Lessons from the "
-          "Field", "A Guide to the Backcountry")),
-    _Top("Parenting & Relationships", 0.015, 15.0, False,
-         ("Parenting", "Family Relationships",
-          "Marriage & Adult Relationships", "Aging Parents"),
-         ("Toddler", "Family", "Marriage", "Teen", "Child", "Love",
-          "Bedtime"),
-         ("Whole-Brain", "Peaceful", "Happy", "Gentle", "Good Enough"),
-         ("How to Talk So Kids Will Listen", "Raising Kind, Confident "
-          "Kids", "A Survival Guide", "The Five Love Languages Explained")),
-    _Top("Crafts, Hobbies & Home", 0.02, 21.0, False,
-         ("Crafts & Hobbies", "Gardening & Landscape Design",
-          "Needlecrafts & Textile Crafts", "Home Improvement & Design",
-          "Pets & Animal Care", "Antiques & Collectibles"),
-         ("Garden", "Quilt", "Knitting", "Home", "Woodworking", "Dog",
-          "Houseplant", "Crochet", "Collector", "Pottery"),
-         ("Cozy", "Handmade", "Weekend", "Vintage", "Scandinavian",
-          "Small-Space"),
-         ("Projects for Every Season", "Step-by-Step Techniques",
-          "A Beginner's Guide", "Patterns, Tips, and Tricks")),
-)
+# The word lists and the category tree are data files of the package, in
+# tt_mimic/data/words/ (read once, at import). Their order is part of the
+# output: words are drawn by index, so editing a file changes the bytes.
+_WORDS = importlib.resources.files("tt_mimic.data") / "words"
+
+
+def _read_words(name: str) -> tuple[str, ...]:
+  """A word list: one word or name per line; blank and '#' lines skipped."""
+  text = (_WORDS / name).read_text(encoding="utf-8")
+  lines = (line.strip() for line in text.split("\n"))
+  words = tuple(line for line in lines if line and not line.startswith("#"))
+  if not words:
+    raise ValueError(f"word list {name} is empty")
+  return words
+
+
+def _read_tops(name: str) -> tuple[_Top, ...]:
+  """The top-level categories, in order, from the JSON category tree."""
+  tops = json.loads((_WORDS / name).read_text(encoding="utf-8"))["tops"]
+  return tuple(
+      _Top(**{key: tuple(value) if isinstance(value, list) else value
+              for key, value in top.items()})
+      for top in tops)
+
+
+_TOPS = _read_tops("categories.json")
 
 _TOP_INDEX = {top.name: t for t, top in enumerate(_TOPS)}
 
-_COMMON_NOUNS = (
-    "Secret", "Promise", "Shadow", "House", "Garden", "River", "Night",
-    "Storm", "Road", "Girl", "Daughter", "Light", "Memory", "Letter",
-    "Island", "Bridge", "Fire", "Heart", "Truth", "Key", "Door", "Song",
-    "Sea", "Queen", "Edge", "Silence", "Harbor", "Dream", "Journey",
-    "Mirror")
-_COMMON_ADJECTIVES = (
-    "Silent", "Lost", "Hidden", "Last", "Broken", "Golden", "Dark", "Quiet",
-    "Wild", "Forgotten", "Burning", "Little", "Distant", "Bright", "Final",
-    "Secret")
-_COMMON_SUBTITLES = (
-    "A Practical Guide", "An Introduction", "The Complete Guide",
-    "What Everyone Needs to Know", "Lessons from a Lifetime",
-    "Tips, Tricks, and Techniques", "Revised and Updated Edition")
-_PLACES = (
-    "Paris", "Savannah", "Montréal", "Zürich", "Provence", "Kyoto",
-    "Venice", "Cornwall", "Tuscany", "Brooklyn", "São Paulo", "Reykjavík",
-    "Havana", "Dublin", "Charleston", "Málaga")
+_COMMON_NOUNS = _read_words("common_nouns.txt")
+_COMMON_ADJECTIVES = _read_words("common_adjectives.txt")
+_COMMON_SUBTITLES = _read_words("common_subtitles.txt")
+_PLACES = _read_words("places.txt")
 _NUMBERS = ("7", "10", "12", "21", "50", "101")
 
 # (template, weight). Fields: a=adjective, n and m=nouns, p=first name,
@@ -369,41 +182,8 @@ _SERIES_FORMATS = ("{title} (Book {k})",
                    "{title} ({word} Chronicles Book {k})",
                    "{title}, Vol. {k}")
 
-_FIRST_NAMES = (
-    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael",
-    "Linda", "William", "Elizabeth", "David", "Barbara", "Richard", "Susan",
-    "Joseph", "Jessica", "Thomas", "Sarah", "Charles", "Karen", "Daniel",
-    "Nancy", "Matthew", "Lisa", "Anthony", "Margaret", "Mark", "Sandra",
-    "Paul", "Ashley", "Steven", "Emily", "Andrew", "Donna", "Kenneth",
-    "Michelle", "George", "Carol", "Brian", "Amanda", "Edward", "Melissa",
-    "Ronald", "Deborah", "Timothy", "Stephanie", "Jason", "Rebecca", "Jeffrey",
-    "Laura", "Ryan", "Helen", "Jacob", "Sharon", "Gary", "Cynthia", "Nicholas",
-    "Kathleen", "Eric", "Amy", "Jonathan", "Angela", "Stephen", "Anna",
-    "Larry", "Ruth", "Justin", "Brenda", "Scott", "Pamela", "Brandon", "Nicole",
-    "Benjamin", "Katherine", "Samuel", "Virginia", "Gregory", "Catherine",
-    "Alexander", "Christine", "Patrick", "Debra", "Frank", "Rachel", "Raymond",
-    "Janet", "Jack", "Emma", "Dennis", "Carolyn", "Jerry", "Maria", "Tyler",
-    "Heather", "Aaron", "Diane", "José", "Zoë", "Renée", "Chloé", "Søren",
-    "Björn", "André", "Inés", "Noël", "Hiroshi", "Priya", "Olumide", "Mei",
-    "Aleksandr", "Fatima", "Liam", "Siobhan", "Mateo", "Ingrid")
-_LAST_NAMES = (
-    "Smith", "Johnson", "Williams", "Brown", "Jones", "Miller", "Davis",
-    "Wilson", "Anderson", "Taylor", "Thomas", "Moore", "Martin", "Jackson",
-    "Thompson", "White", "Harris", "Clark", "Lewis", "Robinson", "Walker",
-    "Young", "Allen", "King", "Wright", "Scott", "Hill", "Green", "Adams",
-    "Nelson", "Baker", "Hall", "Campbell", "Mitchell", "Carter", "Roberts",
-    "Phillips", "Evans", "Turner", "Parker", "Collins", "Edwards", "Stewart",
-    "Morris", "Murphy", "Cook", "Rogers", "Morgan", "Cooper", "Peterson",
-    "Reed", "Bailey", "Bell", "Kelly", "Howard", "Ward", "Cox", "Richardson",
-    "Wood", "Watson", "Brooks", "Bennett", "Gray", "James", "Hughes", "Price",
-    "Sanders", "Myers", "Long", "Ross", "Foster", "Powell", "Jenkins", "Perry",
-    "Russell", "Sullivan", "Fisher", "Henderson", "Coleman", "Simmons",
-    "Patterson", "Jordan", "Reynolds", "Hamilton", "Graham", "Wallace",
-    "O'Brien", "O'Connor", "McAllister", "MacKenzie", "García", "Peña",
-    "Núñez", "Müller", "Schröder", "Østergaard", "Nakamura", "Okafor",
-    "Chen", "Kowalski", "Rossi", "Dubois", "Lefèvre", "Ivanova", "Haddad",
-    "Patel", "Novak", "Lindqvist", "Fitzgerald", "Delacroix", "Whitfield",
-    "Ashford", "Blackwood", "Hargrove", "Pemberton", "Sinclair", "Thornton")
+_FIRST_NAMES = _read_words("first_names.txt")
+_LAST_NAMES = _read_words("last_names.txt")
 _INITIALS = tuple("ABCDEFGHJKLMNPRSTW")
 
 

@@ -1,0 +1,175 @@
+"""The command layer: flags from the configs, flagfiles, the entry point."""
+
+import dataclasses
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+from tt_mimic import config as config_lib
+from tt_mimic.commands import common
+from tt_mimic.commands import main as main_lib
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
+# synth has its own flags (it writes data; it reads no run flagfile).
+RUN_COMMANDS = [c for c in main_lib.COMMANDS if c != "synth"]
+
+
+def setup_module():
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+
+
+def _flag_names(args: list[str]) -> set[str]:
+  """Flag names in expanded command-line arguments (--noX as X)."""
+  names = set()
+  for arg in args:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name not in FLAGS and name.startswith("no") and name[2:] in FLAGS:
+      name = name[2:]
+    names.add(name)
+  return names
+
+
+def test_there_are_flagfiles():
+  assert {os.path.basename(f) for f in FLAGFILES} >= {
+      "base.cfg", "sample.cfg", "full.cfg"}
+
+
+@pytest.mark.parametrize("command", RUN_COMMANDS)
+@pytest.mark.parametrize("flagfile", FLAGFILES, ids=os.path.basename)
+def test_every_flagfile_parses_with_every_command(command, flagfile,
+                                                  monkeypatch):
+  monkeypatch.chdir(REPO)  # flagfiles name each other relative to the repo
+  module = importlib.import_module(f"tt_mimic.commands.{command}")
+  known = {f.name for name in (common.__name__, module.__name__)
+           for f in FLAGS.get_flags_for_module(name)}
+  args = FLAGS.read_flags_from_files([f"--flagfile={flagfile}"],
+                                     force_gnu=False)
+  unknown = _flag_names(args) - known
+  assert not unknown, f"{command} does not define {sorted(unknown)}"
+  with flagsaver.flagsaver():
+    FLAGS([f"tt-mimic {command}", f"--flagfile={flagfile}"])
+    config = common.run_config()
+    common.serve_config()
+  assert isinstance(config, config_lib.RunConfig)
+
+
+def test_flags_take_their_defaults_from_the_configs():
+  for cls in list(config_lib.SECTIONS.values()) + [config_lib.ServeConfig]:
+    for field in dataclasses.fields(cls):
+      name = field.metadata.get("flag") or field.name
+      default = FLAGS[name].default
+      if isinstance(field.default, tuple):
+        default = tuple(type(field.default[0])(v) for v in default)
+      assert default == field.default, name
+
+
+def test_default_flags_give_the_default_configs():
+  with flagsaver.flagsaver():
+    FLAGS(["tt-mimic"])
+    assert common.run_config() == config_lib.RunConfig()
+    assert common.serve_config() == config_lib.ServeConfig()
+
+
+def test_base_cfg_matches_the_code_defaults(monkeypatch):
+  # base.cfg documents the defaults; it must say what the code does.
+  monkeypatch.chdir(REPO)
+  with flagsaver.flagsaver():
+    FLAGS(["tt-mimic", "--flagfile=flags/base.cfg"])
+    assert common.run_config() == config_lib.RunConfig()
+
+
+def test_base_cfg_check_can_fail(monkeypatch, tmp_path):
+  # The check above compares values: a base.cfg that drifts must fail it.
+  monkeypatch.chdir(REPO)
+  drifted = tmp_path / "base.cfg"
+  drifted.write_text(open("flags/base.cfg").read() + "--history_length=20\n")
+  with flagsaver.flagsaver():
+    FLAGS(["tt-mimic", f"--flagfile={drifted}"])
+    assert common.run_config() != config_lib.RunConfig()
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"recent_length": 5, "history_length": 5}, "smaller than --history_length"),
+    ({"history_length": 0, "user_id_embedding": False},
+     "no input that tells users apart"),
+    ({"split": "random"}, "'random' is not one of"),
+    ({"temperature": 0.0}, "below"),
+    ({"hidden_units": (0,)}, "below 1"),
+    ({"variants": ("dat", "bogus")}, "'bogus' is not one of"),
+])
+def test_command_line_and_python_refuse_the_same(values, message):
+  sections = {"recent_length": "tower", "history_length": "features",
+              "user_id_embedding": "tower", "split": "ingest",
+              "temperature": "loss", "hidden_units": "tower",
+              "variants": "train"}
+  with pytest.raises(ValueError, match=message):
+    parts = {}
+    for name, value in values.items():
+      parts.setdefault(sections[name], {})[name] = value
+    config_lib.RunConfig(**{s: config_lib.SECTIONS[s](**v)
+                            for s, v in parts.items()})
+  argv = ["tt-mimic"]
+  for name, value in values.items():
+    if isinstance(value, bool):
+      argv.append(f"--{name}" if value else f"--no{name}")
+    elif isinstance(value, tuple):
+      argv.append(f"--{name}={','.join(map(str, value))}")
+    else:
+      argv.append(f"--{name}={value}")
+  with flagsaver.flagsaver():
+    with pytest.raises(flags.Error, match=message):
+      FLAGS(argv)
+
+
+def test_run_config_json_round_trip():
+  config = config_lib.RunConfig(
+      tower=config_lib.TowerConfig(hidden_units=(32, 16)),
+      train=config_lib.TrainConfig(variants=("popularity", "dat")))
+  again = config_lib.RunConfig.from_json(config.to_json())
+  assert again == config
+  with pytest.raises(ValueError, match="Unknown TrainConfig fields"):
+    config_lib.RunConfig.from_json('{"train": {"bogus": 1}}')
+
+
+def _tt_mimic(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "tt_mimic", *args],
+                        capture_output=True, text=True, timeout=300, cwd=cwd,
+                        check=False)
+
+
+def test_entry_point_lists_commands_and_refuses_unknown_ones():
+  result = _tt_mimic("--help")
+  assert result.returncode == 0
+  for command in main_lib.COMMANDS:
+    assert f"  {command} " in result.stdout
+  result = _tt_mimic("bogus")
+  assert result.returncode == 2
+  assert "unknown command 'bogus'" in result.stderr
+
+
+def test_ingest_command_runs_with_the_sample_flagfile(tmp_path, tiny_dataset):
+  # The documented `make ingest FLAGFILE=flags/sample.cfg`, on tiny data.
+  result = _tt_mimic("ingest", "--flagfile=flags/sample.cfg",
+                     f"--books_csv={tiny_dataset.books_csv}",
+                     f"--users_csv={tiny_dataset.users_csv}",
+                     "--min_user_interactions=1", "--min_item_interactions=1",
+                     f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (tmp_path / "run" / "ingest_report.json").exists()
+
+
+def test_a_bad_flag_value_is_one_clear_line():
+  result = _tt_mimic("ingest", "--history_length=3", "--recent_length=3")
+  assert result.returncode == 1
+  assert "smaller than --history_length" in result.stderr
+  assert "Traceback" not in result.stderr

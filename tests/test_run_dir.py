@@ -1,0 +1,97 @@
+"""A run directory stands on its own: re-export, evaluate and recommend
+work after the source CSVs are moved away."""
+
+import json
+import os
+import shutil
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+from tt_mimic import config as config_lib
+from tt_mimic.commands import evaluate as evaluate_command
+from tt_mimic.commands import export as export_command
+from tt_mimic.commands import train
+from tt_mimic.serving import recommender
+from tt_mimic.training import pipeline
+
+import model_fixture
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory):
+  """A tiny trained and exported run whose source CSVs were moved away."""
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+  root = tmp_path_factory.mktemp("run_dir")
+  source = root / "source"
+  source.mkdir()
+  dataset = model_fixture.write_dataset(source)
+  model_dir = str(root / "run")
+  values = model_fixture.train_flags(dataset, model_dir, epochs=1,
+                                     variants=["popularity", "dat"],
+                                     export=True, export_k=20,
+                                     cache_dir=str(root / "cache"))
+  with flagsaver.flagsaver(**values):
+    train.main(["train"])
+  shutil.move(str(source), str(root / "moved"))
+  shutil.rmtree(root / "cache")  # the run keeps its own copy
+  return model_dir
+
+
+def _json(*parts):
+  with open(os.path.join(*parts)) as f:
+    return json.load(f)
+
+
+def test_the_run_holds_its_config_and_state(moved_run):
+  config = pipeline.read_config(moved_run)
+  assert config.tower.embedding_dim == 8
+  assert config.train.variants == ("popularity", "dat")
+  assert config.export.k == 20
+  for name in ("vocabularies.json", "item_table.npz", "state.json"):
+    assert os.path.exists(os.path.join(moved_run, "preprocessing", name))
+  ingest_dir = _json(moved_run, "run.json")["ingest_dir"]
+  assert not ingest_dir.startswith("..")  # inside the run
+
+
+def test_reexport_without_the_csvs(moved_run):
+  before = np.load(os.path.join(moved_run, "export", "embeddings.npy"))
+  shutil.rmtree(os.path.join(moved_run, "export"))
+  with flagsaver.flagsaver(model_dir=moved_run, export_k=10):
+    export_command.main(["export"])
+  after = np.load(os.path.join(moved_run, "export", "embeddings.npy"))
+  np.testing.assert_allclose(after, before, atol=1e-6)
+  # --export_k given to the command overrides the run's export config.
+  assert _json(moved_run, "export", "export.json")["k"] == 10
+  recs = recommender.Recommender(moved_run, "brute_force")
+  user = str(recs.items["parent_asin"].iloc[0])
+  assert len(recs.recommend(None, [user], k=5)) == 5
+
+
+def test_evaluate_without_the_csvs_repeats_training(moved_run):
+  with flagsaver.flagsaver(model_dir=moved_run, eval_split="test",
+                           variant="dat"):
+    evaluate_command.main(["evaluate"])
+  evaluated = _json(moved_run, "evaluate_dat_test.json")
+  trained = _json(moved_run, "variants", "dat", "result.json")["test"]
+  assert evaluated.keys() == trained.keys()
+  for name, value in trained.items():
+    assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_open_run_needs_a_run():
+  with pytest.raises(pipeline.RunError, match="config.json not found"):
+    pipeline.open_run("/nonexistent/run")
+
+
+def test_a_missing_variant_is_a_clear_error(moved_run):
+  config, prep = pipeline.open_run(moved_run)
+  with pytest.raises(pipeline.RunError, match="no trained 'two_tower'"):
+    pipeline.load_variant(moved_run, config, prep, "two_tower")
+  assert isinstance(config, config_lib.RunConfig)
