@@ -30,8 +30,9 @@ _KEEP = flags.DEFINE_string("keep_dir", None, "Write the data here and keep it."
 _CHILD = """
 import sys, time, json
 import tt_mimic
+from tt_mimic.config import IngestConfig
 from tt_mimic.data import ingest
-cfg = ingest.IngestConfig(books_csv=sys.argv[1], users_csv=sys.argv[2],
+cfg = IngestConfig(books_csv=sys.argv[1], users_csv=sys.argv[2],
                           books_limit=0, interactions_limit=0)
 start = time.time()
 result = ingest.run(cfg)

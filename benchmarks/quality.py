@@ -11,6 +11,7 @@ ALS is tuned on the validation split (a small grid) and scored on test.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -23,8 +24,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tt_mimic  # noqa: F401,E402
-from tt_mimic import cli_flags  # noqa: E402
-from tt_mimic import train  # noqa: E402  (defines the training flags)
+import tensorflow as tf  # noqa: E402
+from tt_mimic.commands import common  # noqa: E402  (defines the run flags)
+from tt_mimic.data import ingest  # noqa: E402
+from tt_mimic.training import evaluation  # noqa: E402
+from tt_mimic.training import experiment  # noqa: E402
+from tt_mimic.training import pipeline  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import als  # noqa: E402
@@ -39,7 +44,6 @@ METRICS = ("recall@20", "ndcg@20", "recall@100", "ndcg@100", "mrr")
 
 def run_als(prep, grid: str, seed: int) -> dict:
   """Tunes ALS on validation recall@20, returns its test metrics."""
-  from tt_mimic import evaluation, ingest  # pylint: disable=g-import-not-at-top
   train_events = prep.data.events[prep.data.events["split"]
                                   == ingest.SPLIT_TRAIN]
   users = train_events["user"].to_numpy() - 1
@@ -63,7 +67,6 @@ def run_als(prep, grid: str, seed: int) -> dict:
 
 def _scorer(eval_set, x, y):
   """Scores by ALS factors; EvalSet batches are in user order."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   items = np.vstack([np.zeros((1, y.shape[1])), y]).astype(np.float32)
   users = x[eval_set.users - 1].astype(np.float32)
   state = {"row": 0}
@@ -78,20 +81,18 @@ def _scorer(eval_set, x, y):
 
 def main(argv):
   del argv
-  from tt_mimic import experiment, ingest, runner  # pylint: disable=g-import-not-at-top
-  root = cli_flags.MODEL_DIR.value
+  root = common.MODEL_DIR.value
+  base = common.run_config()
   per_seed = {}
   for seed in [int(s) for s in _SEEDS.value]:
-    flags.FLAGS.seed = seed
-    feature, tower, loss, train_config = train.configs()
+    config = dataclasses.replace(
+        base, train=dataclasses.replace(base.train, seed=seed))
     model_dir = os.path.join(root, f"seed_{seed}")
-    data = ingest.run_cached(cli_flags.ingest_config(), model_dir,
-                             os.path.join(root, "ingest"))
-    prep = runner.prepare(data, feature, train_config)
+    prep = pipeline.start_run(config, model_dir, os.path.join(root, "ingest"))
     variants = tuple(v for v in experiment.VARIANTS
-                     if v in train.VARIANTS.value)
-    metrics, _, _ = experiment.run(prep, tower, loss, train_config, variants,
-                                   model_dir)
+                     if v in config.train.variants)
+    metrics, _, _ = experiment.run(prep, config.tower, config.loss,
+                                   config.train, variants, model_dir)
     if _ALS.value:
       metrics["als"] = run_als(prep, _ALS_GRID.value, seed)
       logging.info("ALS test (seed %d): %s", seed, {
