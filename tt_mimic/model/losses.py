@@ -62,8 +62,14 @@ def category_alignment_loss(embeddings: tf.Tensor, categories: tf.Tensor,
   counts = tf.math.unsorted_segment_sum(tf.ones_like(x[:, 0]), segment, k)
   means = tf.math.unsorted_segment_sum(x, segment, k) / counts[:, None]
   centered = x - tf.gather(means, segment)
-  outer = tf.einsum("bi,bj->bij", centered, centered)
-  cov = tf.math.unsorted_segment_sum(outer, segment, k) / counts[:, None, None]
+  # tr(C_a C_b) = sum over x in a, y in b of (x.y)^2 / (n_a n_b), so every
+  # ||C_a - C_b||_F^2 = tr(C_a C_a) + tr(C_b C_b) - 2 tr(C_a C_b) comes from
+  # the batch's Gram matrix: [n, n] work instead of n [dim, dim] outer
+  # products (the covariances themselves are never formed).
+  gram = tf.square(tf.matmul(centered, centered, transpose_b=True))
+  by_row = tf.math.unsorted_segment_sum(gram, segment, k)  # [k, n]
+  cross = tf.math.unsorted_segment_sum(tf.transpose(by_row), segment, k)
+  cross = cross / (counts[:, None] * counts[None, :])  # tr(C_a C_b), [k, k]
   eligible = counts >= min_count
 
   def loss():
@@ -71,7 +77,10 @@ def category_alignment_loss(embeddings: tf.Tensor, categories: tf.Tensor,
     key = tf.cast(counts, tf.float64) * tf.cast(tf.reduce_max(ids) + 1,
                                                 tf.float64)
     major = tf.argmax(key - tf.cast(ids, tf.float64))
-    diff = tf.reduce_sum(tf.square(cov - cov[major]), axis=[1, 2])
+    self_terms = tf.linalg.diag_part(cross)
+    diff = self_terms + self_terms[major] - 2.0 * cross[:, major]
+    # Rounding can leave a tiny negative where C_a = C_major.
+    diff = tf.maximum(diff, 0.0)
     return tf.reduce_sum(diff * tf.cast(eligible, diff.dtype))
 
   return tf.cond(tf.reduce_sum(tf.cast(eligible, tf.int32)) > 1, loss,
