@@ -47,6 +47,27 @@ def masked_mean(embedded: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
   return tf.math.divide_no_nan(total, tf.reduce_sum(mask, axis=-2))
 
 
+def bag_mean(ids: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
+  """Mean of table rows over each row's non-zero ids: [n, t] -> [n, d].
+
+  The same as `masked_mean(tf.gather(table, ids), ids)`, as a sparse
+  [n, rows of table] x [rows, d] product: no [n, t, d] tensor, and the
+  table's gradient is dense (one table-sized update) instead of an
+  [n * t, d] slice that the optimizer must first sum by row.
+  """
+  ids = tf.cast(ids, tf.int64)
+  keep = ids != 0
+  where = tf.where(keep)  # [nnz, 2] (row, position), row-major
+  values = tf.gather_nd(ids, where)
+  count = tf.reduce_sum(tf.cast(keep, table.dtype), axis=1)
+  weights = 1.0 / tf.gather(count, where[:, 0])
+  shape = tf.stack([tf.shape(ids, out_type=tf.int64)[0],
+                    tf.shape(table, out_type=tf.int64)[0]])
+  bags = tf.SparseTensor(tf.stack([where[:, 0], values], axis=1), weights,
+                         shape)
+  return tf.sparse.sparse_dense_matmul(bags, table)
+
+
 def make_item_table(arrays: dict) -> dict:
   """The item feature table as non-trainable variables (saved, not trained)."""
   return {k: tf.Variable(v, trainable=False, name=f"item_table_{k}")
@@ -65,11 +86,16 @@ class ItemFeatureEmbedding(tf.keras.layers.Layer):
     self.category = _embedding(sizes["categories"] + 2, dim, "category")
     self.title = _embedding(sizes["title_tokens"] + 2, dim, "title_token")
 
+  def build(self, input_shape=None):
+    for layer in (self.author, self.category, self.title):
+      layer.build([None])
+    super().build(input_shape)
+
   def call(self, author, categories, title):
-    """author: [...]; categories: [..., c]; title: [..., t] -> [..., 3 dim]."""
+    """author: [n]; categories: [n, c]; title: [n, t] -> [n, 3 dim]."""
     return tf.concat([self.author(author),
-                      masked_mean(self.category(categories), categories),
-                      masked_mean(self.title(title), title)], axis=-1)
+                      bag_mean(categories, self.category.embeddings),
+                      bag_mean(title, self.title.embeddings)], axis=-1)
 
 
 class ItemTower(tf.keras.Model):
