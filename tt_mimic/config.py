@@ -135,6 +135,10 @@ class TowerConfig(_Checked):
   user_id_embedding: bool = setting(True, "Give the user tower a free "
                                     "user-id embedding (without it, a user "
                                     "is their history, plus a_u under AMM).")
+  share_item_embedding: bool = setting(False, "The user tower embeds its "
+                                       "history books with the item tower's "
+                                       "id embedding (else a table of its "
+                                       "own).")
   history_dropout: float = setting(0.5, "Training-time chance of hiding a "
                                    "user's whole history.", lower=0.0,
                                    upper=1.0)

@@ -103,10 +103,10 @@ class EvalSet:
   Attributes:
     users: [m] user indices.
     user_id: [m] user-id embedding index (0 for users unseen in training).
-    history: [m, h] their most recent training books, most recent first.
+    history: [m, h] their most recent known books, most recent first.
     targets: list of m arrays of held-out corpus indices.
-    seen: list of m arrays of the user's training books (masked).
-    skipped_no_history: users of the split with no training event.
+    seen: list of m arrays of the user's known books (masked).
+    skipped_no_history: users of the split with no known event.
   """
   users: np.ndarray
   user_id: np.ndarray
@@ -124,14 +124,18 @@ class EvalSet:
 
 
 def eval_set(events: pd.DataFrame, split: int, user_id_index: np.ndarray,
-             history_length: int, max_users: int = 0,
-             seed: int = 0) -> EvalSet:
-  """Held-out events of `split`, grouped per user; features from train only.
+             history_length: int, max_users: int = 0, seed: int = 0,
+             known_splits: tuple[int, ...] = (ingest.SPLIT_TRAIN,)) -> EvalSet:
+  """Held-out events of `split`, grouped per user.
 
-  Users of the split with no training event are skipped and counted (the
-  model has nothing about them; popularity is their fallback).
+  A user's features (history) and the books masked from the ranking come
+  from the events of `known_splits`: the events a deployed model would know
+  when the held-out ones happen (training only for validation; training and
+  validation for test). Users of the split with no known event are skipped
+  and counted (the model has nothing about them; popularity is their
+  fallback).
   """
-  train = events[events["split"] == ingest.SPLIT_TRAIN]
+  train = events[events["split"].isin(known_splits)]
   held = events[events["split"] == split]
   train_user = train["user"].to_numpy(np.int64)  # sorted by ingest
   train_item = train["item"].to_numpy(np.int64)

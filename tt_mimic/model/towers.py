@@ -207,14 +207,23 @@ class UserTower(tf.keras.Model):
   """
 
   def __init__(self, sizes: dict, config: TowerConfig, item_table: dict,
-               metadata: ItemFeatureEmbedding, **kwargs):
+               metadata: ItemFeatureEmbedding,
+               item_id: tf.keras.layers.Embedding | None = None, **kwargs):
+    """`item_id`: the item tower's id embedding, used for the history books
+    when `config.share_item_embedding` (else the tower has its own)."""
     super().__init__(**kwargs)
     self.config = config
     self.table = item_table
     self.user_id = (_embedding(sizes["users"] + 1, config.embedding_dim,
                                "user_id") if config.user_id_embedding else None)
-    self.history_id = _embedding(sizes["items"] + 1, config.embedding_dim,
-                                 "history_item_id")
+    if config.share_item_embedding:
+      if item_id is None:
+        raise ValueError("share_item_embedding needs the item tower's id "
+                         "embedding.")
+      self.history_id = item_id
+    else:
+      self.history_id = _embedding(sizes["items"] + 1, config.embedding_dim,
+                                   "history_item_id")
     self.metadata = metadata
     self.augmented = (_embedding(sizes["users"] + 1, config.output_dim, "a_u")
                       if config.use_amm else None)

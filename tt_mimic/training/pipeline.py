@@ -120,15 +120,19 @@ def prepare(data: ingest.Ingested, feature_config: FeatureConfig,
   counts = np.r_[0, data.items["train_count"].to_numpy()].astype(np.float64)
   probability = counts / counts.sum()
   h = feature_config.history_length
-  make = lambda split: data_lib.eval_set(  # noqa: E731
+  # Validation knows the training events; test also knows validation's, as
+  # a deployed model would (DESIGN.md, "Evaluation").
+  make = lambda split, known: data_lib.eval_set(  # noqa: E731
       data.events, split, user_id_index, h, train_config.eval_max_users,
-      train_config.seed)
+      train_config.seed, known)
   return Prepared(data=data, vocab=vocab, feature_config=feature_config,
                   preprocessor=preprocessor, item_table=table,
                   sequence=data_lib.train_sequence(data.events),
                   user_id_index=user_id_index,
                   item_probability=probability.astype(np.float32),
-                  val=make(ingest.SPLIT_VAL), test=make(ingest.SPLIT_TEST))
+                  val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
+                  test=make(ingest.SPLIT_TEST,
+                            (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)))
 
 
 # ------------------------------------------------------------------ runs
@@ -228,7 +232,7 @@ def build(prep: Prepared, tower_config: TowerConfig,
   item_tower = towers.ItemTower(sizes, tower_config, metadata,
                                 name="item_tower")
   user_tower = towers.UserTower(sizes, tower_config, table, metadata,
-                                name="user_tower")
+                                item_id=item_tower.item_id, name="user_tower")
   encoder = model_lib.ItemIndexEncoder(item_tower, table, name="item_encoder")
   model = model_lib.DATModel(user_tower, encoder, prep.item_probability,
                              loss_config)
