@@ -191,6 +191,9 @@ class TrainConfig(_Checked):
                             "local GPUs; multi_worker = MultiWorkerMirrored"
                             "Strategy with the cluster in TF_CONFIG.",
                             choices=("none", "mirrored", "multi_worker"))
+  refit: bool = setting(True, "After validation has chosen the epochs, "
+                        "retrain dat on training plus validation events for "
+                        "that many epochs; that model (dat_refit) is exported.")
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)

@@ -20,22 +20,32 @@ from tt_mimic.training import pipeline
 
 _EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["val", "test"],
                                 "Split to evaluate on.")
-_VARIANT = flags.DEFINE_enum("variant", "dat",
-                             ["popularity"] + list(pipeline.TRAINED_VARIANTS),
-                             "Variant to evaluate.")
+_VARIANT = flags.DEFINE_enum(
+    "variant", "exported",
+    ["exported", "popularity"] + list(pipeline.TRAINED_VARIANTS)
+    + [v + pipeline.REFIT_SUFFIX for v in ("popularity", "dat")],
+    "Variant to evaluate (exported: the one the run exports).")
 
 
-def evaluate_run(model_dir: str, split: str, variant: str) -> dict:
-  """The metrics of `variant` of the run in `model_dir` on `split`."""
+def evaluate_run(model_dir: str, split: str, variant: str) -> tuple[str, dict]:
+  """The variant's name and its metrics on `split`, for the run in
+  `model_dir`."""
   config, prep = pipeline.open_run(model_dir)
+  if variant == "exported":
+    variant = pipeline.exported_variant(model_dir)
+  if split == "val" and variant.endswith(pipeline.REFIT_SUFFIX):
+    raise pipeline.RunError(f"{variant} was trained on the validation events; "
+                            "evaluate it on test (a score on its own training "
+                            "data says nothing).")
+  prep = pipeline.view_for(prep, config.train, variant)
   eval_set = prep.val if split == "val" else prep.test
-  if variant == "popularity":
+  if variant.startswith("popularity"):
     scorer = evaluation.popularity_scorer(prep.item_probability)
   else:
     built = pipeline.load_variant(model_dir, config, prep, variant)
     scorer = pipeline.model_scorer(built, len(prep.data.items))
-  return evaluation.evaluate(scorer, eval_set,
-                             batch_size=config.train.eval_batch_size)
+  return variant, evaluation.evaluate(scorer, eval_set,
+                                      batch_size=config.train.eval_batch_size)
 
 
 def main(argv):
@@ -45,7 +55,7 @@ def main(argv):
   common.note_ignored()
   split, variant = _EVAL_SPLIT.value, _VARIANT.value
   try:
-    metrics = evaluate_run(model_dir, split, variant)
+    variant, metrics = evaluate_run(model_dir, split, variant)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
   path = os.path.join(model_dir, f"evaluate_{variant}_{split}.json")

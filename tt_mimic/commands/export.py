@@ -25,7 +25,9 @@ def main(argv):
   common.note_ignored(keep=_EXPORT_FLAGS)
   try:
     config, prep = pipeline.open_run(model_dir)
-    built = pipeline.load_variant(model_dir, config, prep, "dat")
+    name = pipeline.exported_variant(model_dir)
+    prep = pipeline.view_for(prep, config.train, name)
+    built = pipeline.load_variant(model_dir, config, prep, name)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
   given = common.run_config().export

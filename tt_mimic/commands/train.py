@@ -39,9 +39,11 @@ def main(argv):
     raise SystemExit(str(e)) from None
   report.write(model_dir, prep, metrics, results, built)
   if config.export.export and "dat" in built:
-    export.export_run(model_dir, prep, built["dat"], config.export)
+    name = pipeline.exported_variant(model_dir)
+    view = pipeline.view_for(prep, config.train, name)
+    export.export_run(model_dir, view, built[name], config.export)
     if config.export.recommend_k:
-      recommender.print_example(model_dir, prep, config.export.recommend_k)
+      recommender.print_example(model_dir, view, config.export.recommend_k)
 
 
 def run(argv=None):

@@ -41,9 +41,11 @@ class TrainSequence:
     return len(self.user)
 
 
-def train_sequence(events: pd.DataFrame) -> TrainSequence:
-  """Builds the causal index arrays from ingest's sorted events."""
-  train = events[events["split"] == ingest.SPLIT_TRAIN]
+def train_sequence(events: pd.DataFrame,
+                   splits: tuple[int, ...] = (ingest.SPLIT_TRAIN,)
+                   ) -> TrainSequence:
+  """Builds the causal index arrays from ingest's sorted events of `splits`."""
+  train = events[events["split"].isin(splits)]
   user = train["user"].to_numpy(np.int64)
   ts = train["timestamp"].to_numpy(np.int64)
   n = len(user)

@@ -30,6 +30,9 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
         variants: tuple[str, ...], model_dir: str):
   """Trains/evaluates `variants`; returns (metrics, results, built models).
 
+  With `train.refit`, dat is also retrained on training plus validation
+  events ("dat_refit", with "popularity_refit" beside it).
+
   metrics: {variant: {metric: value}} on the test split.
   results: {variant: result dict with history} for trained variants.
   built: {variant: pipeline.Built} for trained variants.
@@ -47,12 +50,32 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
         os.path.join(model_dir, "variants", name),
         os.path.join(model_dir, "tensorboard", name))
     metrics[name] = results[name]["test"]
+  if train.refit and "dat" in results:
+    _refit(prep, tower, loss, train, model_dir, metrics, results, built)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   logging.info("Test metrics (full corpus, %d users, split %s)\n%s",
                prep.test.users.size, prep.data.report["config"]["split"],
                table(metrics))
   return metrics, results, built
+
+
+def _refit(prep, tower, loss, train, model_dir, metrics, results, built):
+  """dat retrained on training plus validation events for the epochs that
+  validation chose: the model a user deploys (and exports). Popularity
+  gets the same events, so the two compare under one protocol."""
+  view = pipeline.refit_view(prep, train)
+  name = "dat" + pipeline.REFIT_SUFFIX
+  metrics["popularity" + pipeline.REFIT_SUFFIX] = evaluation.evaluate(
+      evaluation.popularity_scorer(view.item_probability), view.test,
+      batch_size=train.eval_batch_size)
+  tower_cfg, loss_cfg = pipeline.variant_configs("dat", tower, loss)
+  built[name], results[name] = trainer.train_variant(
+      name, view, tower_cfg, loss_cfg, train,
+      os.path.join(model_dir, "variants", name),
+      os.path.join(model_dir, "tensorboard", name),
+      refit_epochs=results["dat"]["best_epoch"])
+  metrics[name] = results[name]["test"]
 
 
 def table(metrics: dict, columns=HEADLINE) -> str:

@@ -43,6 +43,7 @@ CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 PREPROCESSING_DIR = "preprocessing"
 TRAINED_VARIANTS = ("two_tower", "dat_no_cal", "dat")
+REFIT_SUFFIX = "_refit"
 
 
 class RunError(FileNotFoundError):
@@ -65,6 +66,7 @@ class Prepared:
   item_probability: np.ndarray
   val: data_lib.EvalSet
   test: data_lib.EvalSet
+  fit_splits: tuple[int, ...] = (ingest.SPLIT_TRAIN,)
 
 
 def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
@@ -112,27 +114,46 @@ def prepare(data: ingest.Ingested, feature_config: FeatureConfig,
     if not np.all(np.isfinite(values)):
       raise ValueError(f"Item feature '{name}' has non-finite values after "
                        "preprocessing; check the numeric columns.")
-  train = data.events[data.events["split"] == ingest.SPLIT_TRAIN]
-  num_users = len(data.users)
-  trained_users = np.zeros(num_users + 1, bool)
-  trained_users[train["user"].to_numpy()] = True
-  user_id_index = np.where(trained_users, np.arange(num_users + 1), 0)
-  counts = np.r_[0, data.items["train_count"].to_numpy()].astype(np.float64)
-  probability = counts / counts.sum()
-  h = feature_config.history_length
+  return _with_fit(Prepared(
+      data=data, vocab=vocab, feature_config=feature_config,
+      preprocessor=preprocessor, item_table=table, sequence=None,
+      user_id_index=None, item_probability=None, val=None, test=None),
+      train_config, (ingest.SPLIT_TRAIN,))
+
+
+def _with_fit(prep: Prepared, train_config: TrainConfig,
+              splits: tuple[int, ...]) -> Prepared:
+  """`prep` with what depends on the events a model is fitted on: the
+  training sequence, the user ids it knows, the books' sampling
+  probabilities (log-Q) and the evaluation sets' user ids."""
+  events = prep.data.events
+  fit = events[events["split"].isin(splits)]
+  num_users = len(prep.data.users)
+  known_users = np.zeros(num_users + 1, bool)
+  known_users[fit["user"].to_numpy()] = True
+  user_id_index = np.where(known_users, np.arange(num_users + 1), 0)
+  counts = np.bincount(fit["item"].to_numpy(),
+                       minlength=len(prep.data.items) + 1).astype(np.float64)
+  counts[0] = 0
+  h = prep.feature_config.history_length
   # Validation knows the training events; test also knows validation's, as
   # a deployed model would (DESIGN.md, "Evaluation").
   make = lambda split, known: data_lib.eval_set(  # noqa: E731
-      data.events, split, user_id_index, h, train_config.eval_max_users,
+      events, split, user_id_index, h, train_config.eval_max_users,
       train_config.seed, known)
-  return Prepared(data=data, vocab=vocab, feature_config=feature_config,
-                  preprocessor=preprocessor, item_table=table,
-                  sequence=data_lib.train_sequence(data.events),
-                  user_id_index=user_id_index,
-                  item_probability=probability.astype(np.float32),
-                  val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
-                  test=make(ingest.SPLIT_TEST,
-                            (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)))
+  return dataclasses.replace(
+      prep, sequence=data_lib.train_sequence(events, splits),
+      user_id_index=user_id_index,
+      item_probability=(counts / counts.sum()).astype(np.float32),
+      val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
+      test=make(ingest.SPLIT_TEST, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)),
+      fit_splits=tuple(splits))
+
+
+def refit_view(prep: Prepared, train_config: TrainConfig) -> Prepared:
+  """`prep` for a model fitted on training plus validation events (the
+  vocabularies and item table stay those of the training split)."""
+  return _with_fit(prep, train_config, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL))
 
 
 # ------------------------------------------------------------------ runs
@@ -265,19 +286,37 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
   Raises:
     RunError: the variant has no best weights.
   """
-  if name not in TRAINED_VARIANTS:
+  base = name.removesuffix(REFIT_SUFFIX)
+  if base not in TRAINED_VARIANTS:
     raise ValueError(f"{name!r} is not a trained variant; expected one of "
-                     f"{TRAINED_VARIANTS}.")
+                     f"{TRAINED_VARIANTS} (or one with {REFIT_SUFFIX!r}).")
+  if name.endswith(REFIT_SUFFIX) != (len(prep.fit_splits) > 1):
+    raise ValueError(f"{name!r} needs the prepared data it was fitted on "
+                     "(pipeline.refit_view for a refit variant).")
   weights = best_weights(model_dir, name)
   if not os.path.exists(weights + ".index"):
     raise RunError(f"{weights}.index not found: the run in {model_dir} has "
                    f"no trained '{name}' variant (train it with "
                    f"--variants=...,{name}).")
-  tower, loss = variant_configs(name, config.tower, config.loss)
+  tower, loss = variant_configs(base, config.tower, config.loss)
   built = build(prep, tower, loss)
   create_variables(built, prep)
   built.model.load_weights(weights).expect_partial()
   return built
+
+
+def exported_variant(model_dir: str) -> str:
+  """The variant a run exports: dat's refit when it exists, else dat."""
+  refit = "dat" + REFIT_SUFFIX
+  return refit if os.path.exists(best_weights(model_dir, refit) + ".index") \
+      else "dat"
+
+
+def view_for(prep: Prepared, train_config: TrainConfig,
+             name: str) -> Prepared:
+  """The prepared data variant `name` was fitted on."""
+  return (refit_view(prep, train_config) if name.endswith(REFIT_SUFFIX)
+          else prep)
 
 
 # ------------------------------------------------------------- embeddings

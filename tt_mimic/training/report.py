@@ -114,6 +114,8 @@ def feature_correlations(prep: pipeline.Prepared) -> list[str]:
 def curves(results: dict) -> list[str]:
   lines = []
   for name, result in results.items():
+    if not result.get("history"):
+      continue  # a refit: fixed epochs, no validation
     lines += [f"### {name}", "", "| epoch | loss_main | loss_u | loss_v | "
               "loss_ca | val recall@20 | val ndcg@20 |", "|---|---|---|---|---|---|---|"]
     for h in result.get("history", []):

@@ -168,16 +168,23 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
 
 def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
                   loss_config: LossConfig, config: TrainConfig,
-                  directory: str,
-                  tensorboard_dir: str | None = None) -> tuple[Built, dict]:
+                  directory: str, tensorboard_dir: str | None = None,
+                  refit_epochs: int = 0) -> tuple[Built, dict]:
   """Trains (or resumes, or reloads) one variant and evaluates it on test.
+
+  With `refit_epochs`, trains exactly that many epochs without validation
+  (a refit on training plus validation events: `prep` is then
+  `pipeline.refit_view`'s) and keeps the last weights as the best.
 
   Returns:
     The built model holding the best weights, and its result dict with
     `test` metrics, `history` (per-epoch losses and validation metrics),
     `best_epoch` and `seconds`.
   """
-  _claim(directory, {"tower": dataclasses.asdict(tower_config),
+  if refit_epochs:
+    config = dataclasses.replace(config, epochs=refit_epochs, patience=0)
+  _claim(directory, {"refit_epochs": refit_epochs,
+                      "tower": dataclasses.asdict(tower_config),
                       "loss": dataclasses.asdict(loss_config),
                       "train": {**dataclasses.asdict(config), "verbose": 0,
                                 "variants": None},
@@ -207,7 +214,7 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
     callbacks = [
         # Validation first: a backup must never get ahead of the validation
         # state, or a crash in between would lose that epoch's validation.
-        validation,
+        *([] if refit_epochs else [validation]),
         tf.keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
         tf.keras.callbacks.TensorBoard(tensorboard_dir,
                                        update_freq="epoch", profile_batch=0),
@@ -227,8 +234,12 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
           f"[{name}] training diverged: {detail}. Lower "
           "--learning_rate or raise --temperature; no metric is reported "
           "for this run.") from None
-    result = {"history": validation.state["history"],
-              "best_epoch": validation.state["best_epoch"]}
+    if refit_epochs:
+      built.model.save_weights(validation.best_path)
+      result = {"history": [], "best_epoch": refit_epochs, "refit": True}
+    else:
+      result = {"history": validation.state["history"],
+                "best_epoch": validation.state["best_epoch"]}
   if result["best_epoch"] < 1:
     raise evaluation.DivergedError(f"[{name}] no epoch finished validation.")
   built.model.load_weights(validation.best_path).expect_partial()
