@@ -44,6 +44,9 @@ def evaluate_run(model_dir: str, split: str, variant: str) -> tuple[str, dict]:
   else:
     built = pipeline.load_variant(model_dir, config, prep, variant)
     scorer = pipeline.model_scorer(built, len(prep.data.items))
+  if split == "test":
+    return variant, pipeline.test_metrics(scorer, prep,
+                                          config.train.eval_batch_size)
   return variant, evaluation.evaluate(scorer, eval_set,
                                       batch_size=config.train.eval_batch_size)
 

@@ -126,3 +126,96 @@ def embedding_scorer(query_fn: Callable[[dict], tf.Tensor],
   def score(batch):
     return tf.matmul(query_fn(batch), items, transpose_b=True)
   return score
+
+
+# ----------------------------------------------------------------- segments
+
+ACTIVITY_BUCKETS = ((1, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, None))
+COLD_MAX_COUNT = 2  # books with at most this many fitted events are cold
+
+
+def _bucket_name(lo: int, hi: int | None) -> str:
+  return f"{lo}+" if hi is None else f"{lo}-{hi}"
+
+
+def popularity_tiers(item_counts: np.ndarray) -> np.ndarray:
+  """[num_items + 1] tier of each book: 'head', 'torso' or 'tail'.
+
+  Books sorted by fitted events; the head holds the most popular books that
+  together make the first third of the events, the torso the next third,
+  the tail the rest (books never seen included). Row 0 is padding.
+  """
+  counts = np.asarray(item_counts, np.float64)
+  order = np.argsort(-counts[1:], kind="stable") + 1
+  # Share of all events held by the books more popular than each book.
+  before = (np.cumsum(counts[order]) - counts[order]) / max(counts.sum(), 1.0)
+  tiers = np.full(len(counts), "tail", dtype=object)
+  tiers[order[before < 2 / 3]] = "torso"
+  tiers[order[before < 1 / 3]] = "head"
+  tiers[0] = ""
+  return tiers
+
+
+def segment_metrics(ranked: np.ndarray, eval_set: data_lib.EvalSet,
+                    item_counts: np.ndarray, item_categories: np.ndarray,
+                    k: int = 20, top_categories: int = 10) -> dict:
+  """Where a model hits: Recall and NDCG at k by segment.
+
+  Args:
+    ranked: [users, >= k] ranked corpus indices, as `evaluate` returns.
+    eval_set: the users evaluated (their known books say how active they
+      are) and their held-out books.
+    item_counts: [num_items + 1] events each book was fitted on.
+    item_categories: [num_items + 1] top-level category ('' = none).
+    k: the cut-off.
+    top_categories: categories with the most held-out books reported; the
+      others are pooled as 'other'.
+
+  Returns:
+    {"user_activity": {bucket: {"users", "recall@k", "ndcg@k"}}, by the
+     number of the user's known events; "item_popularity": {tier: {...}},
+     "cold_books" and "category": {name: {...}}}: these three are per
+     held-out book, {"targets", "recall@k"} = the share of held-out books of
+     the segment found in the top k.
+  """
+  activity = np.array([len(s) for s in eval_set.seen])
+  per_user = [user_metrics(ranked[i], eval_set.targets[i], (k,))
+              for i in range(len(eval_set))]
+  out = {"user_activity": {}}
+  for lo, hi in ACTIVITY_BUCKETS:
+    rows = np.flatnonzero((activity >= lo) & (activity <= (hi or np.inf)))
+    if rows.size:
+      out["user_activity"][_bucket_name(lo, hi)] = {
+          "users": int(rows.size),
+          f"recall@{k}": float(np.mean([per_user[r][f"recall@{k}"]
+                                        for r in rows])),
+          f"ndcg@{k}": float(np.mean([per_user[r][f"ndcg@{k}"]
+                                      for r in rows]))}
+  targets = np.concatenate(eval_set.targets) if len(eval_set) else np.zeros(
+      0, np.int64)
+  hits = np.concatenate([np.isin(t, ranked[i, :k])
+                         for i, t in enumerate(eval_set.targets)]) if len(
+                             eval_set) else np.zeros(0, bool)
+  tiers = popularity_tiers(item_counts)[targets]
+  counts = np.asarray(item_counts)[targets]
+  cats = np.asarray(item_categories, dtype=object)[targets]
+  cats = np.where(cats == "", "(none)", cats)
+  ranked_cats = [c for c, _ in sorted(
+      zip(*np.unique(cats, return_counts=True)), key=lambda x: (-x[1], x[0]))]
+  keep = set(ranked_cats[:top_categories])
+  cats = np.array([c if c in keep else "other" for c in cats], dtype=object)
+
+  def by(labels, names):
+    table = {}
+    for name in names:
+      mask = labels == name
+      if mask.any():
+        table[name] = {"targets": int(mask.sum()),
+                       f"recall@{k}": float(hits[mask].mean())}
+    return table
+
+  out["item_popularity"] = by(tiers, ("head", "torso", "tail"))
+  out["cold_books"] = by(np.where(counts <= COLD_MAX_COUNT, "cold", "warm"),
+                         ("cold", "warm"))
+  out["category"] = by(cats, ranked_cats[:top_categories] + ["other"])
+  return out

@@ -40,9 +40,9 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   metrics, results, built = {}, {}, {}
   for name in variants:
     if name == "popularity":
-      metrics[name] = evaluation.evaluate(
-          evaluation.popularity_scorer(prep.item_probability), prep.test,
-          batch_size=train.eval_batch_size)
+      metrics[name] = pipeline.test_metrics(
+          evaluation.popularity_scorer(prep.item_probability), prep,
+          train.eval_batch_size)
       continue
     tower_cfg, loss_cfg = pipeline.variant_configs(name, tower, loss)
     built[name], results[name] = trainer.train_variant(
@@ -66,9 +66,9 @@ def _refit(prep, tower, loss, train, model_dir, metrics, results, built):
   gets the same events, so the two compare under one protocol."""
   view = pipeline.refit_view(prep, train)
   name = "dat" + pipeline.REFIT_SUFFIX
-  metrics["popularity" + pipeline.REFIT_SUFFIX] = evaluation.evaluate(
-      evaluation.popularity_scorer(view.item_probability), view.test,
-      batch_size=train.eval_batch_size)
+  metrics["popularity" + pipeline.REFIT_SUFFIX] = pipeline.test_metrics(
+      evaluation.popularity_scorer(view.item_probability), view,
+      train.eval_batch_size)
   tower_cfg, loss_cfg = pipeline.variant_configs("dat", tower, loss)
   built[name], results[name] = trainer.train_variant(
       name, view, tower_cfg, loss_cfg, train,

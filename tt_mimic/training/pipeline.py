@@ -64,6 +64,7 @@ class Prepared:
   sequence: data_lib.TrainSequence
   user_id_index: np.ndarray
   item_probability: np.ndarray
+  item_counts: np.ndarray
   val: data_lib.EvalSet
   test: data_lib.EvalSet
   fit_splits: tuple[int, ...] = (ingest.SPLIT_TRAIN,)
@@ -117,7 +118,8 @@ def prepare(data: ingest.Ingested, feature_config: FeatureConfig,
   return _with_fit(Prepared(
       data=data, vocab=vocab, feature_config=feature_config,
       preprocessor=preprocessor, item_table=table, sequence=None,
-      user_id_index=None, item_probability=None, val=None, test=None),
+      user_id_index=None, item_probability=None, item_counts=None, val=None,
+      test=None),
       train_config, (ingest.SPLIT_TRAIN,))
 
 
@@ -145,6 +147,7 @@ def _with_fit(prep: Prepared, train_config: TrainConfig,
       prep, sequence=data_lib.train_sequence(events, splits),
       user_id_index=user_id_index,
       item_probability=(counts / counts.sum()).astype(np.float32),
+      item_counts=counts.astype(np.int64),
       val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
       test=make(ingest.SPLIT_TEST, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)),
       fit_splits=tuple(splits))
@@ -331,6 +334,24 @@ def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
     parts.append(encoder(ids)[0].numpy())
   out = np.concatenate(parts)
   return np.concatenate([np.zeros_like(out[:1]), out])
+
+
+def top_categories(prep: Prepared) -> np.ndarray:
+  """[num_items + 1] top-level category per corpus index ('' for none)."""
+  return np.array([""] + [features.top_category(list(c))
+                          for c in prep.data.items["categories"]], dtype=object)
+
+
+def test_metrics(score_fn, prep: Prepared, batch_size: int) -> dict:
+  """Full-corpus test metrics, with `segments` (evaluation.segment_metrics:
+  by user activity, book popularity, cold books and category)."""
+  metrics, ranked = evaluation.evaluate(score_fn, prep.test,
+                                        batch_size=batch_size,
+                                        return_ranked=True)
+  if ranked is not None:
+    metrics["segments"] = evaluation.segment_metrics(
+        ranked, prep.test, prep.item_counts, top_categories(prep))
+  return metrics
 
 
 def model_scorer(built: Built, num_items: int,

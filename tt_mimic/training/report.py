@@ -24,12 +24,6 @@ def _summary(values: np.ndarray) -> str:
           f"p95 {q[2]:.3f}")
 
 
-def top_categories(prep: pipeline.Prepared) -> np.ndarray:
-  """[num_items + 1] top-level category per corpus index ('' for none)."""
-  return np.array([""] + [features.top_category(list(c))
-                          for c in prep.data.items["categories"]], dtype=object)
-
-
 def neighbour_overlap(embeddings: np.ndarray, cats: np.ndarray,
                       rng: np.random.Generator, n: int = 500,
                       k: int = 10) -> tuple[float, float]:
@@ -56,7 +50,7 @@ def diagnostics(prep: pipeline.Prepared, built: pipeline.Built, result: dict,
   """
   rng = np.random.default_rng(0)
   n_items = len(prep.data.items)
-  cats = top_categories(prep)
+  cats = pipeline.top_categories(prep)
   same, chance = neighbour_overlap(emb, cats, rng)
   lines = [f"- Item embeddings p_v: {n_items} books, L2 norms "
            f"{_summary(np.linalg.norm(emb[1:], axis=1))}.",
@@ -132,7 +126,7 @@ def examples(prep: pipeline.Prepared, built: pipeline.Built, emb: np.ndarray,
              n_users: int = 3, k: int = 10) -> list[str]:
   """Sample test users: history, top-k and category/author match rates."""
   items = prep.data.items
-  cats = top_categories(prep)
+  cats = pipeline.top_categories(prep)
   authors = np.r_[[""], items["author"].to_numpy(dtype=object)]
   titles = np.r_[[""], items["title"].to_numpy(dtype=object)]
   test = prep.test
@@ -188,6 +182,37 @@ def write_projector(log_dir: str, prep: pipeline.Prepared, emb: np.ndarray,
   projector.visualize_embeddings(log_dir, config)
 
 
+SEGMENT_TITLES = {"user_activity": "users by known events",
+                  "item_popularity": "held-out books by popularity tier",
+                  "cold_books": "held-out books: cold (<= 2 fitted events) "
+                                "or warm",
+                  "category": "held-out books by top-level category"}
+
+
+def segments(metrics: dict, k: int = 20) -> list[str]:
+  """Recall@k of every variant by segment, one table per kind."""
+  names = [n for n, m in metrics.items() if "segments" in m]
+  if not names:
+    return []
+  lines = []
+  for kind, title in SEGMENT_TITLES.items():
+    rows = list(dict.fromkeys(
+        seg for n in names for seg in metrics[n]["segments"].get(kind, {})))
+    lines += [f"### Recall@{k}, {title}", "",
+              "| segment | n | " + " | ".join(names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for seg in rows:
+      first = next(metrics[n]["segments"][kind][seg] for n in names
+                   if seg in metrics[n]["segments"].get(kind, {}))
+      size = first.get("users", first.get("targets"))
+      cells = [f"{metrics[n]['segments'][kind][seg][f'recall@{k}']:.4f}"
+               if seg in metrics[n]["segments"].get(kind, {}) else "-"
+               for n in names]
+      lines.append(f"| {seg} | {size} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
 def write(model_dir: str, prep: pipeline.Prepared, metrics: dict,
           results: dict, built: dict) -> str:
   """Writes report.md and returns its path."""
@@ -196,11 +221,14 @@ def write(model_dir: str, prep: pipeline.Prepared, metrics: dict,
            f"Split: {prep.data.report['config']['split']}; corpus "
            f"{len(prep.data.items)} books, {len(prep.data.users)} users; "
            f"test users {len(prep.test)} (skipped without training history: "
-           f"{prep.test.skipped_no_history}). Full-corpus ranking, training "
-           "books masked.", "", "## Test metrics", "",
+           f"{prep.test.skipped_no_history}). Full-corpus ranking; each user's "
+           "known books (training and validation) are masked.", "",
+           "## Test metrics", "",
            experiment.table(metrics), "", "### All cut-offs", "",
            experiment.table(metrics, cols + ["mrr"]), "",
-           "## Loss curves", "",
+           "## Where each variant hits (test segments)", ""]
+  lines += segments(metrics)
+  lines += ["## Loss curves", "",
            f"TensorBoard: `tensorboard --logdir {model_dir}/tensorboard` "
            "(every loss term, learning rate, validation metrics, and the "
            "item embedding projector).", ""]

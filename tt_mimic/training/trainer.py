@@ -245,8 +245,8 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
   built.model.load_weights(validation.best_path).expect_partial()
   if "test" not in result:
     scorer = pipeline.model_scorer(built, len(prep.data.items))
-    result["test"] = evaluation.evaluate(scorer, prep.test,
-                                         batch_size=config.eval_batch_size)
+    result["test"] = pipeline.test_metrics(scorer, prep,
+                                           config.eval_batch_size)
     result["seconds"] = round(time.time() - start, 1)
     with open(result_path, "w") as f:
       json.dump(result, f, indent=1)
