@@ -1,6 +1,6 @@
 """The package's imports run one way and only commands define flags.
 
-Layers, bottom up: `config`; `data` and `model` (independent of each
+Layers, bottom up: `config` and `progress`; `data` and `model` (independent of each
 other); `training`; `serving`; `commands` (and `__main__`). A module may
 import its own layer and the layers below it, never above. The imports
 are read with `ast` (module level and inside functions), nothing is run.
@@ -13,7 +13,7 @@ import sys
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "tt_mimic")
-RANK = {"tt_mimic": 0, "config": 0, "data": 1, "model": 1, "training": 2,
+RANK = {"tt_mimic": 0, "config": 0, "progress": 0, "data": 1, "model": 1, "training": 2,
         "serving": 3, "commands": 4, "__main__": 5}
 
 

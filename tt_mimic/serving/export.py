@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 from absl import logging
 import numpy as np
@@ -230,9 +231,13 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
     logging.warning("scann is not importable; index_scann is not exported.")
     return info
   params = scann_params(n, dataclasses.replace(config, k=k))
+  start = time.monotonic()
+  logging.info("Building the ScaNN index over %d books (%s) ...", n, params)
   scann_layer = tfrs.layers.factorized_top_k.ScaNN(
       k=retrieve, distance_measure="dot_product", **params)
   scann_layer.index(vectors, ids)
+  info["scann_build_seconds"] = round(time.monotonic() - start, 2)
+  logging.info("Built the ScaNN index in %.1f s", info["scann_build_seconds"])
   scann_module = IndexModule(query, scann_layer, pop_ids, pop_scores, k,
                              retrieve)
   _save(scann_module, os.path.join(directory, "index_scann"),
@@ -264,10 +269,13 @@ def agreement(vectors, exact, approximate, k, sample: int = 1000) -> float:
 
 
 def _save(module, path, options=None):
+  start = time.monotonic()
+  logging.info("Saving %s ...", path)
   if os.path.exists(path):
     shutil.rmtree(path)
   tf.saved_model.save(module, path, signatures=_signatures(module),
                       options=options)
+  logging.info("Saved %s in %.1f s", path, time.monotonic() - start)
 
 
 def user_histories(events: pd.DataFrame, num_users: int,

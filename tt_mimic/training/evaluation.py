@@ -18,6 +18,7 @@ import tt_mimic  # noqa: F401
 import tensorflow as tf
 
 from tt_mimic.data import pipeline as data_lib
+from tt_mimic.progress import Progress
 
 KS = (10, 20, 50, 100)
 
@@ -85,6 +86,7 @@ def evaluate(score_fn: Callable[[dict], tf.Tensor],
   max_k = max(ks)
   totals, ranked_all = {}, []
   row = 0
+  progress = Progress("evaluating", len(eval_set), "users")
   for batch in eval_set.dataset(batch_size):
     scores = tf.cast(score_fn(batch), tf.float32)
     if not bool(tf.reduce_all(tf.math.is_finite(scores))):
@@ -101,6 +103,8 @@ def evaluate(score_fn: Callable[[dict], tf.Tensor],
     if return_ranked:
       ranked_all.append(ranked)
     row += n
+    progress.add(n)
+  progress.done()
   metrics = {name: total / max(row, 1) for name, total in totals.items()}
   metrics["users"] = row
   if return_ranked:

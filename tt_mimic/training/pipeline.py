@@ -37,6 +37,7 @@ from tt_mimic.data import ingest
 from tt_mimic.data import pipeline as data_lib
 from tt_mimic.model import dat as model_lib
 from tt_mimic.model import towers
+from tt_mimic.progress import Progress
 from tt_mimic.training import evaluation
 
 CONFIG_FILE = "config.json"
@@ -329,9 +330,12 @@ def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
                     batch_size: int = 8192) -> np.ndarray:
   """[num_items + 1, dim] embeddings of the whole corpus; row 0 is zeros."""
   parts = []
+  progress = Progress("embedding the corpus", num_items, "books")
   for start in range(1, num_items + 1, batch_size):
     ids = tf.range(start, min(start + batch_size, num_items + 1), dtype=tf.int64)
     parts.append(encoder(ids)[0].numpy())
+    progress.add(int(ids.shape[0]))
+  progress.done()
   out = np.concatenate(parts)
   return np.concatenate([np.zeros_like(out[:1]), out])
 
