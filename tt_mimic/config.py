@@ -18,7 +18,7 @@ import typing
 
 # -------------------------------------------------------------- the helpers
 
-VARIANTS = ("popularity", "two_tower", "dat_no_cal", "dat")
+VARIANTS = ("popularity", "id_only", "two_tower", "dat_no_cal", "dat")
 KS = (10, 20, 50, 100)
 METRICS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "hr") for k in KS) + (
     "mrr",)
@@ -135,6 +135,9 @@ class TowerConfig(_Checked):
   user_id_embedding: bool = setting(True, "Give the user tower a free "
                                     "user-id embedding (without it, a user "
                                     "is their history, plus a_u under AMM).")
+  id_only: bool = setting(False, "Towers that are only a user-id and an "
+                          "item-id embedding (the plain TFRS two-tower; the "
+                          "id_only variant).")
   share_item_embedding: bool = setting(False, "The user tower embeds its "
                                        "history books with the item tower's "
                                        "id embedding (else a table of its "

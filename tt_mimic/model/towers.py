@@ -110,8 +110,14 @@ class ItemTower(tf.keras.Model):
                metadata: ItemFeatureEmbedding, **kwargs):
     super().__init__(**kwargs)
     self.config = config
-    self.item_id = _embedding(sizes["items"] + 1, config.embedding_dim,
-                              "item_id")
+    # ID-only towers are the id embedding itself, as wide as the output.
+    self.item_id = _embedding(
+        sizes["items"] + 1,
+        config.output_dim if config.id_only else config.embedding_dim,
+        "item_id")
+    if config.id_only:
+      self.metadata = self.augmented = self.mlp = None
+      return
     self.metadata = metadata
     self.augmented = (_embedding(sizes["items"] + 1, config.output_dim, "a_v")
                       if config.use_amm else None)
@@ -119,6 +125,8 @@ class ItemTower(tf.keras.Model):
 
   def call(self, features, training=False):
     ids = features["id"]
+    if self.config.id_only:
+      return tf.math.l2_normalize(self.item_id(ids), axis=-1), None
     parts = [self.item_id(ids),
              self.metadata(features["author"], features["categories"],
                            features["title"]),
@@ -214,8 +222,13 @@ class UserTower(tf.keras.Model):
     super().__init__(**kwargs)
     self.config = config
     self.table = item_table
-    self.user_id = (_embedding(sizes["users"] + 1, config.embedding_dim,
-                               "user_id") if config.user_id_embedding else None)
+    self.user_id = (_embedding(
+        sizes["users"] + 1,
+        config.output_dim if config.id_only else config.embedding_dim,
+        "user_id") if config.user_id_embedding or config.id_only else None)
+    if config.id_only:
+      self.history_id = self.metadata = self.augmented = self.mlp = None
+      return
     if config.share_item_embedding:
       if item_id is None:
         raise ValueError("share_item_embedding needs the item tower's id "
@@ -231,6 +244,8 @@ class UserTower(tf.keras.Model):
 
   def call(self, features, training=False):
     user = own = tf.cast(features["user_id"], tf.int64)
+    if self.config.id_only:
+      return tf.math.l2_normalize(self.user_id(user), axis=-1), None
     if training and self.config.user_id_dropout > 0:
       drop = tf.random.uniform(tf.shape(user)) < self.config.user_id_dropout
       user = tf.where(drop, tf.zeros_like(user), user)

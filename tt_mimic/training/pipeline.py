@@ -43,7 +43,7 @@ from tt_mimic.training import evaluation
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 PREPROCESSING_DIR = "preprocessing"
-TRAINED_VARIANTS = ("two_tower", "dat_no_cal", "dat")
+TRAINED_VARIANTS = ("id_only", "two_tower", "dat_no_cal", "dat")
 REFIT_SUFFIX = "_refit"
 
 
@@ -241,9 +241,12 @@ def variant_configs(name: str, tower: TowerConfig,
                     loss: LossConfig) -> tuple[TowerConfig, LossConfig]:
   """The tower and loss configs of a named variant (AMM and CAL only where
   the variant has them and the configs allow them)."""
-  amm = {"two_tower": False, "dat_no_cal": True, "dat": True}[name]
-  cal = {"two_tower": False, "dat_no_cal": False, "dat": True}[name]
-  return (dataclasses.replace(tower, use_amm=amm and tower.use_amm),
+  amm = {"id_only": False, "two_tower": False, "dat_no_cal": True,
+         "dat": True}[name]
+  cal = {"id_only": False, "two_tower": False, "dat_no_cal": False,
+         "dat": True}[name]
+  return (dataclasses.replace(tower, use_amm=amm and tower.use_amm,
+                              id_only=name == "id_only" or tower.id_only),
           dataclasses.replace(loss, use_cal=cal and loss.use_cal))
 
 
