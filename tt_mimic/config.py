@@ -109,6 +109,11 @@ class FeatureConfig(_Checked):
   history_length: int = setting(50, "Recent training events per user used "
                                 "as features (0: none, the towers of the DAT "
                                 "paper).", lower=0)
+  train_history: str = setting(
+      "causal", "History of a training example: causal = the user's events "
+      "strictly before it (time-ordered data); other = the user's latest "
+      "other training events (when the order carries no signal, e.g. a "
+      "random split).", choices=("causal", "other"))
 
 
 @dataclasses.dataclass(frozen=True)

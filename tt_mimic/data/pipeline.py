@@ -30,12 +30,14 @@ class TrainSequence:
     item: [n] corpus index of each event's book.
     start: [n] position of the user's first training event.
     end: [n] position one past the user's last event strictly earlier in
-      time than this event (history = positions [start, end)).
+      time than this event (causal history = positions [start, end)).
+    user_end: [n] position one past the user's last training event.
   """
   user: np.ndarray
   item: np.ndarray
   start: np.ndarray
   end: np.ndarray
+  user_end: np.ndarray
 
   def __len__(self):
     return len(self.user)
@@ -54,8 +56,10 @@ def train_sequence(events: pd.DataFrame,
   start = np.maximum.accumulate(np.where(new_user, pos, 0))
   new_time = new_user | np.r_[True, ts[1:] != ts[:-1]]
   end = np.maximum.accumulate(np.where(new_time, pos, 0))
+  last = np.r_[user[1:] != user[:-1], True]
+  user_end = np.minimum.accumulate(np.where(last, pos + 1, n)[::-1])[::-1]
   return TrainSequence(user=user, item=train["item"].to_numpy(np.int64),
-                       start=start, end=end)
+                       start=start, end=end, user_end=user_end)
 
 
 def gather_history(item: tf.Tensor, start: tf.Tensor, end: tf.Tensor,
@@ -67,9 +71,26 @@ def gather_history(item: tf.Tensor, start: tf.Tensor, end: tf.Tensor,
   return tf.where(valid, values, tf.zeros_like(values))
 
 
+def gather_other_history(item: tf.Tensor, position: tf.Tensor,
+                         start: tf.Tensor, user_end: tf.Tensor,
+                         length: int) -> tf.Tensor:
+  """[batch, length] the user's latest items other than the one at
+  `position` (positions user_end-1, user_end-2, ... >= start), else 0."""
+  offsets = (user_end[:, None] - 1
+             - tf.range(length + 1, dtype=user_end.dtype)[None, :])
+  valid = (offsets >= start[:, None]) & (offsets != position[:, None])
+  # Move the valid positions to the front, in order, and keep `length`.
+  order = tf.argsort(tf.cast(tf.logical_not(valid), tf.int32), axis=1,
+                     stable=True)[:, :length]
+  offsets = tf.gather(offsets, order, batch_dims=1)
+  valid = tf.gather(valid, order, batch_dims=1)
+  values = tf.gather(item, tf.maximum(offsets, 0))
+  return tf.where(valid, values, tf.zeros_like(values))
+
+
 def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
                   history_length: int, batch_size: int,
-                  seed: int) -> tf.data.Dataset:
+                  seed: int, history: str = "causal") -> tf.data.Dataset:
   """Shuffled, batched, prefetched feature dicts of training events.
 
   Args:
@@ -78,17 +99,27 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
     history_length: history positions per example.
     batch_size: examples per batch.
     seed: shuffle seed (each epoch reshuffles deterministically).
+    history: "causal" (the user's events strictly earlier than the example)
+      or "other" (the user's latest training events but the example's own:
+      for data whose order carries no signal, such as a random split).
   """
+  if history not in ("causal", "other"):
+    raise ValueError(f"history must be 'causal' or 'other', not {history!r}.")
   item = tf.constant(seq.item)
   user = tf.constant(user_id_index[seq.user])
   start, end = tf.constant(seq.start), tf.constant(seq.end)
+  user_end = tf.constant(seq.user_end)
 
   def features(positions):
+    if history == "causal":
+      books = gather_history(item, tf.gather(start, positions),
+                             tf.gather(end, positions), history_length)
+    else:
+      books = gather_other_history(item, positions, tf.gather(start, positions),
+                                   tf.gather(user_end, positions),
+                                   history_length)
     return {"user_id": tf.gather(user, positions),
-            "item": tf.gather(item, positions),
-            "history": gather_history(item, tf.gather(start, positions),
-                                      tf.gather(end, positions),
-                                      history_length)}
+            "item": tf.gather(item, positions), "history": books}
 
   ds = tf.data.Dataset.range(len(seq))
   ds = ds.shuffle(len(seq), seed=seed, reshuffle_each_iteration=True)

@@ -210,7 +210,8 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
   else:
     dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                                      prep.feature_config.history_length,
-                                     config.batch_size, config.seed)
+                                     config.batch_size, config.seed,
+                                     prep.feature_config.train_history)
     callbacks = [
         # Validation first: a backup must never get ahead of the validation
         # state, or a crash in between would lose that epoch's validation.
