@@ -1,18 +1,21 @@
-"""Quality benchmark: every variant (and tuned implicit ALS) over several seeds.
+"""Quality benchmark: every variant and tuned simple peers over several seeds.
 
   .venv/bin/python benchmarks/quality.py --flagfile=flags/sample.cfg \
-      --model_dir=/tmp/quality_sample --seeds=1,2,3 --als
+      --model_dir=/tmp/quality_sample --seeds=1,2,3 --peers=als,ease
 
 Takes the training flags (flags/*.cfg and overrides) plus --seeds and
---als; prints mean and standard deviation over seeds of the test metrics
-(full corpus, training books masked) and writes <model_dir>/summary.json.
-ALS is tuned on the validation split (a small grid) and scored on test.
+--peers; prints mean and standard deviation over seeds of the test metrics
+(full corpus, each user's known books masked) and writes
+<model_dir>/summary.json and <model_dir>/seed_<n>/metrics_with_peers.json.
+The peers (benchmarks/peers.py: implicit ALS, EASE) fit on the training
+events, are tuned on validation Recall@20 over the grids below and are
+scored on test through the same `evaluation.evaluate` call as the towers.
+ALS needs the `bench` extra (pip install -e .[bench]).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import sys
@@ -24,81 +27,95 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tt_mimic  # noqa: F401,E402
-import tensorflow as tf  # noqa: E402
 from tt_mimic.commands import common  # noqa: E402  (defines the run flags)
-from tt_mimic.data import ingest  # noqa: E402
-from tt_mimic.training import evaluation  # noqa: E402
 from tt_mimic.training import experiment  # noqa: E402
 from tt_mimic.training import pipeline  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import als  # noqa: E402
+import peers  # noqa: E402
 
+PEERS = ("als", "ease")
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds to run.")
-_ALS = flags.DEFINE_bool("als", True, "Also run tuned implicit ALS.")
+_PEERS = flags.DEFINE_list(
+    "peers", list(PEERS),
+    "Simple peers to tune and score beside the variants (als, ease; empty "
+    "for none).")
 _ALS_GRID = flags.DEFINE_string(
-    "als_grid", "64,128|1,10,40|0.1,1,10",
-    "factors|alpha|reg candidate lists for ALS, tuned on validation.")
+    "als_grid", "64,128,256,512|1,5,10|1,10,30",
+    "factors|alpha|reg candidate lists for ALS (confidence 1 + alpha), "
+    "tuned on validation Recall@20.")
+_ALS_ITERATIONS = flags.DEFINE_integer("als_iterations", 15,
+                                       "ALS iterations (sweeps).")
+_ALS_CG = flags.DEFINE_bool(
+    "als_cg", True, "implicit's conjugate-gradient ALS solver (its default); "
+    "--noals_cg solves each least-squares step exactly.")
+_EASE_GRID = flags.DEFINE_list(
+    "ease_grid", ["10", "50", "100", "200", "500", "1000", "2000"],
+    "EASE lambda candidates, tuned on validation Recall@20.")
+_EASE_MAX_ITEMS = flags.DEFINE_integer(
+    "ease_max_items", peers.EASE_MAX_ITEMS,
+    "EASE refuses corpora with more books (its books x books inverse).")
+_PEER_THREADS = flags.DEFINE_integer(
+    "peer_threads", 0, "implicit ALS threads (0 = all cores).")
 METRICS = ("recall@20", "ndcg@20", "recall@100", "ndcg@100", "mrr")
 
 
-def run_als(prep, grid: str, seed: int) -> dict:
-  """Tunes ALS on validation recall@20, returns its test metrics."""
-  train_events = prep.data.events[prep.data.events["split"]
-                                  == ingest.SPLIT_TRAIN]
-  users = train_events["user"].to_numpy() - 1
-  items = train_events["item"].to_numpy() - 1
-  n_users, n_items = len(prep.data.users), len(prep.data.items)
-  factors, alphas, regs = ([float(v) for v in part.split(",")]
-                           for part in grid.split("|"))
-  best = (-1.0, None)
-  for f, a, r in itertools.product(factors, alphas, regs):
-    x, y = als.fit(users, items, n_users, n_items, int(f), a, r, 10, seed)
-    val = evaluation.evaluate(_scorer(prep.val, x, y), prep.val)
-    logging.info("ALS factors=%d alpha=%g reg=%g: val recall@20 %.4f", f, a,
-                 r, val["recall@20"])
-    if val["recall@20"] > best[0]:
-      best = (val["recall@20"], (x, y, {"factors": f, "alpha": a, "reg": r}))
-  x, y, params = best[1]
-  test = evaluation.evaluate(_scorer(prep.test, x, y), prep.test)
-  test["params"] = params
-  return test
+def _floats(values) -> list[float]:
+  return [float(v) for v in values if str(v).strip()]
 
 
-def _scorer(eval_set, x, y):
-  """Scores by ALS factors; EvalSet batches are in user order."""
-  items = np.vstack([np.zeros((1, y.shape[1])), y]).astype(np.float32)
-  users = x[eval_set.users - 1].astype(np.float32)
-  state = {"row": 0}
-
-  def score(batch):
-    n = int(batch["user_id"].shape[0])
-    q = users[state["row"]:state["row"] + n]
-    state["row"] += n
-    return tf.matmul(q, items, transpose_b=True)
-  return score
+def run_peers(prep, names, seed: int, batch_size: int) -> dict:
+  """{peer: test metrics with params, val, grid, seconds} for `names`."""
+  out = {}
+  if "als" in names:
+    factors, alphas, regs = (_floats(part.split(","))
+                             for part in _ALS_GRID.value.split("|"))
+    out["als"] = peers.tune_als(
+        prep, [int(f) for f in factors], alphas, regs, _ALS_ITERATIONS.value,
+        seed, batch_size, _PEER_THREADS.value, _ALS_CG.value)
+  if "ease" in names:
+    out["ease"] = peers.tune_ease(prep, _floats(_EASE_GRID.value), batch_size,
+                                  _EASE_MAX_ITEMS.value)
+  for name, result in out.items():
+    logging.info("%s test (seed %d, %.1f s): %s params %s", name, seed,
+                 result["seconds"], {k: round(float(result[k]), 4) for k in METRICS},
+                 result["params"])
+  return out
 
 
 def main(argv):
   del argv
   root = common.MODEL_DIR.value
   base = common.run_config()
+  peer_names = [p.strip() for p in _PEERS.value if p.strip()]
+  unknown = sorted(set(peer_names) - set(PEERS))
+  if unknown:
+    raise app.UsageError(f"--peers: unknown {unknown}; choose from {PEERS}.")
+  if "als" in peer_names:
+    try:
+      import implicit  # noqa: F401,E402  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError as e:
+      raise app.UsageError("--peers=als needs the implicit library: pip "
+                           "install -e .[bench] (or leave als out).") from e
   per_seed = {}
   for seed in [int(s) for s in _SEEDS.value]:
     config = dataclasses.replace(
         base, train=dataclasses.replace(base.train, seed=seed))
     model_dir = os.path.join(root, f"seed_{seed}")
     prep = pipeline.start_run(config, model_dir, os.path.join(root, "ingest"))
+    if "ease" in peer_names:  # refuse before any tower trains
+      try:
+        peers.ease_check_size(len(prep.data.items), _EASE_MAX_ITEMS.value)
+      except peers.TooManyItemsError as e:
+        raise SystemExit(f"quality.py: {e}") from e
     variants = tuple(v for v in experiment.VARIANTS
                      if v in config.train.variants)
     metrics, _, _ = experiment.run(prep, config.tower, config.loss,
                                    config.train, variants, model_dir)
-    if _ALS.value:
-      metrics["als"] = run_als(prep, _ALS_GRID.value, seed)
-      logging.info("ALS test (seed %d): %s", seed, {
-          k: v for k, v in metrics["als"].items() if k in METRICS + ("params",)})
+    metrics.update(run_peers(prep, peer_names, seed,
+                             config.train.eval_batch_size))
     per_seed[seed] = metrics
-    with open(os.path.join(model_dir, "metrics_with_als.json"), "w") as f:
+    with open(os.path.join(model_dir, "metrics_with_peers.json"), "w") as f:
       json.dump(metrics, f, indent=1, default=str)
   names = list(next(iter(per_seed.values())))
   summary = {}
@@ -115,6 +132,11 @@ def main(argv):
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   print(f"\nTest metrics over seeds {list(per_seed)} (mean ± std):\n{table}")
+  for name in peer_names:
+    for seed in per_seed:
+      result = per_seed[seed][name]
+      print(f"{name} seed {seed}: {result['params']} (val recall@20 "
+            f"{result['val']['recall@20']:.4f}, {result['seconds']:.1f} s)")
   with open(os.path.join(root, "summary.json"), "w") as f:
     json.dump({"seeds": list(per_seed), "summary": summary,
                "per_seed": per_seed}, f, indent=1, default=str)
