@@ -1,4 +1,5 @@
-"""Tests for tt_mimic.parsing, directly and through ingest's CSV reading."""
+"""Tests for tt_mimic.data.parsing, directly and through ingest's CSV
+reading."""
 
 import csv
 import json
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tt_mimic.config import IngestConfig
 from tt_mimic.data import ingest
 from tt_mimic.data import parsing
 
@@ -123,7 +125,7 @@ def test_ingest_parses_messy_fields_and_counts_invalid_values(tmp_path):
                 "userId": ["u"] * 5,
                 "timestamp": [1, 2, 3, 4, 5]}).to_csv(
                     tmp_path / "users.csv", index=False)
-  result = ingest.run(ingest.IngestConfig(
+  result = ingest.run(IngestConfig(
       str(tmp_path / "books.csv"), str(tmp_path / "users.csv"),
       min_user_interactions=1, min_item_interactions=1))
   items = result.items.set_index("parent_asin")

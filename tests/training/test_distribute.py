@@ -6,12 +6,11 @@ same code path as several GPUs (per-replica batches, summed gradients).
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
-import model_fixture
+import tiny_data
 
 _SCRIPT = textwrap.dedent("""
     import sys
@@ -27,16 +26,16 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_two_replicas_trains_and_evaluates(tmp_path):
-  dataset = model_fixture.write_dataset(tmp_path)
+  dataset = tiny_data.write_dataset(tmp_path, "small")
   model_dir = tmp_path / "run"
-  values = model_fixture.train_flags(dataset, model_dir, distribute="mirrored",
-                                     variants=["popularity", "dat"], epochs=1)
+  values = tiny_data.train_flags(dataset, model_dir, distribute="mirrored",
+                                 variants=["popularity", "dat"], epochs=1)
   script = tmp_path / "run_mirrored.py"
   script.write_text(_SCRIPT)
   result = subprocess.run(
-      [sys.executable, str(script), *model_fixture.as_argv(values)],
+      [sys.executable, str(script), *tiny_data.as_argv(values)],
       capture_output=True, text=True, timeout=600,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      cwd=tiny_data.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Using MirroredStrategy with devices" in result.stderr
   assert "CPU:1" in result.stderr
@@ -44,5 +43,5 @@ def test_mirrored_two_replicas_trains_and_evaluates(tmp_path):
   for name in ("popularity", "dat"):
     for key in ("recall@20", "ndcg@20"):
       assert 0.0 <= metrics[name][key] <= 1.0
-  # The tiny dataset has a category signal the model must pick up.
+  # The "small" dataset has a genre signal the model must pick up.
   assert metrics["dat"]["recall@20"] > 0.0

@@ -1,4 +1,5 @@
-"""Tests for DAT's auxiliary losses (tt_mimic.losses): AMM mimic and CAL."""
+"""Tests for DAT's auxiliary losses (tt_mimic.model.losses): AMM mimic and
+CAL."""
 
 from absl.testing import parameterized
 import numpy as np

@@ -18,7 +18,7 @@ from tt_mimic.commands import train
 from tt_mimic.serving import recommender
 from tt_mimic.training import pipeline
 
-import model_fixture
+import tiny_data
 
 FLAGS = flags.FLAGS
 
@@ -31,12 +31,12 @@ def moved_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("run_dir")
   source = root / "source"
   source.mkdir()
-  dataset = model_fixture.write_dataset(source)
+  dataset = tiny_data.write_dataset(source, "small")
   model_dir = str(root / "run")
-  values = model_fixture.train_flags(dataset, model_dir, epochs=1,
-                                     variants=["popularity", "dat"],
-                                     export=True, export_k=20,
-                                     cache_dir=str(root / "cache"))
+  values = tiny_data.train_flags(dataset, model_dir, epochs=1,
+                                 variants=["popularity", "dat"], export=True,
+                                 refit=True, export_k=20,
+                                 cache_dir=str(root / "cache"))
   with flagsaver.flagsaver(**values):
     train.main(["train"])
   shutil.move(str(source), str(root / "moved"))
@@ -81,8 +81,25 @@ def test_evaluate_without_the_csvs_repeats_training(moved_run):
   evaluated = _json(moved_run, "evaluate_dat_test.json")
   trained = _json(moved_run, "variants", "dat", "result.json")["test"]
   assert evaluated.keys() == trained.keys()
+  assert evaluated["segments"] == trained["segments"]
   for name, value in trained.items():
-    assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+    if name != "segments":
+      assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_the_exported_model_is_the_refit_and_evaluates_alike(moved_run):
+  assert pipeline.exported_variant(moved_run) == "dat_refit"
+  with flagsaver.flagsaver(model_dir=moved_run, eval_split="test",
+                           variant="exported"):
+    evaluate_command.main(["evaluate"])
+  evaluated = _json(moved_run, "evaluate_dat_refit_test.json")
+  trained = _json(moved_run, "variants", "dat_refit", "result.json")["test"]
+  assert evaluated["recall@20"] == pytest.approx(trained["recall@20"],
+                                                 abs=1e-6)
+  with flagsaver.flagsaver(model_dir=moved_run, eval_split="val",
+                           variant="exported"):
+    with pytest.raises(SystemExit, match="trained on the validation events"):
+      evaluate_command.main(["evaluate"])
 
 
 def test_open_run_needs_a_run():

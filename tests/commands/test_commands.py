@@ -16,8 +16,10 @@ from tt_mimic import config as config_lib
 from tt_mimic.commands import common
 from tt_mimic.commands import main as main_lib
 
+import tiny_data
+
 FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = tiny_data.REPO
 FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
 # synth has its own flags (it writes data; it reads no run flagfile).
 RUN_COMMANDS = [c for c in main_lib.COMMANDS if c != "synth"]
@@ -129,6 +131,26 @@ def test_command_line_and_python_refuse_the_same(values, message):
   with flagsaver.flagsaver():
     with pytest.raises(flags.Error, match=message):
       FLAGS(argv)
+
+
+def test_recent_length_must_be_below_history_length():
+  with flagsaver.flagsaver(history_length=0, recent_length=0):
+    assert common.run_config().features.history_length == 0
+  with flagsaver.flagsaver(history_length=5, recent_length=4):
+    assert common.run_config().tower.recent_length == 4
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match="smaller than --history_length"):
+    with flagsaver.flagsaver(history_length=5, recent_length=5):
+      pass
+
+
+def test_users_need_a_history_or_an_id_embedding():
+  with flagsaver.flagsaver(history_length=5, user_id_embedding=False):
+    assert not common.run_config().tower.user_id_embedding
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match="no input that tells users apart"):
+    with flagsaver.flagsaver(history_length=0, user_id_embedding=False):
+      pass
 
 
 def test_run_config_json_round_trip():

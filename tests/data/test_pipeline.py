@@ -1,4 +1,5 @@
-"""Tests for tt_mimic.data: causal training histories and evaluation sets."""
+"""Tests for tt_mimic.data.pipeline: causal training histories and
+evaluation sets."""
 
 import collections
 
@@ -231,3 +232,34 @@ def test_eval_set_max_users_samples_deterministically(ingested):
   for r, u in enumerate(a.users):
     np.testing.assert_array_equal(a.history[r], full.history[rows[u]])
     np.testing.assert_array_equal(a.targets[r], full.targets[rows[u]])
+
+
+def test_other_history_is_the_users_latest_other_books():
+  events = pd.DataFrame({"user": [1, 1, 1, 2, 2, 3],
+                         "item": [10, 11, 12, 20, 21, 30],
+                         "timestamp": [1, 2, 2, 5, 6, 7],
+                         "split": [ingest.SPLIT_TRAIN] * 6})
+  seq = data.train_sequence(events)
+  assert seq.user_end.tolist() == [3, 3, 3, 5, 5, 6]
+  history = data.gather_other_history(
+      tf.constant(seq.item), tf.range(6, dtype=tf.int64),
+      tf.constant(seq.start), tf.constant(seq.user_end), 3).numpy()
+  # Latest first, never the example's own book, never another user's.
+  assert history.tolist() == [[12, 11, 0], [12, 10, 0], [11, 10, 0],
+                              [21, 0, 0], [20, 0, 0], [0, 0, 0]]
+  causal = data.gather_history(tf.constant(seq.item), tf.constant(seq.start),
+                               tf.constant(seq.end), 3).numpy()
+  assert causal.tolist()[:3] == [[0, 0, 0], [10, 0, 0], [10, 0, 0]]
+
+
+def test_train_dataset_history_modes(tmp_path):
+  events = pd.DataFrame({"user": [1, 1, 1], "item": [10, 11, 12],
+                         "timestamp": [1, 2, 3],
+                         "split": [ingest.SPLIT_TRAIN] * 3})
+  seq = data.train_sequence(events)
+  index = np.arange(2)
+  other = next(iter(data.train_dataset(seq, index, 2, 3, 0, "other")))
+  for item, hist in zip(other["item"].numpy(), other["history"].numpy()):
+    assert item not in hist and (hist != 0).all()
+  with pytest.raises(ValueError, match="'causal' or 'other'"):
+    data.train_dataset(seq, index, 2, 3, 0, "random")

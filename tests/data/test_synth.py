@@ -1,4 +1,4 @@
-"""Tests for the synthetic Amazon Books generator (tt_mimic.synth)."""
+"""Tests for the synthetic Amazon Books generator (tt_mimic.data.synth)."""
 
 import configparser
 import fnmatch
@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import tiny_data
 from tt_mimic.data import synth
 
 TINY = synth.SynthConfig(num_books=200, num_users=100, num_events=2000, seed=7)
@@ -24,7 +25,7 @@ WORD_LISTS = ("common_nouns.txt", "common_adjectives.txt",
               "common_subtitles.txt", "places.txt", "first_names.txt",
               "last_names.txt")
 CATEGORY_TREE = "categories.json"
-SETUP_CFG = os.path.join(os.path.dirname(__file__), os.pardir, "setup.cfg")
+SETUP_CFG = os.path.join(tiny_data.REPO, "setup.cfg")
 
 
 def _read(directory, books_name="books.csv", users_name="users.csv"):

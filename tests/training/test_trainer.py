@@ -1,4 +1,6 @@
-"""End-to-end tests of `tt-mimic train` on a tiny generated dataset."""
+"""Tests for tt_mimic.training.trainer: end-to-end `tt-mimic train` runs on
+a tiny generated dataset, divergence, resume after a kill, the optimizer's
+learning-rate schedule."""
 
 import glob
 import json
@@ -14,26 +16,29 @@ from unittest import mock
 from absl import flags
 from absl.testing import flagsaver
 import numpy as np
-import pytest
 
 import tt_mimic  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from tt_mimic.training import evaluation
-from tt_mimic.training import experiment
+from tt_mimic.commands import train
+from tt_mimic.config import FeatureConfig
+from tt_mimic.config import LossConfig
+from tt_mimic.config import TowerConfig
+from tt_mimic.config import TrainConfig
 from tt_mimic.data import features
 from tt_mimic.model import dat as model_lib
-from tt_mimic.training import pipeline as runner
-from tt_mimic.model import towers
-from tt_mimic.commands import common
-from tt_mimic.commands import train
+from tt_mimic.training import evaluation
+from tt_mimic.training import experiment
+from tt_mimic.training import pipeline
 from tt_mimic.training import trainer
 
-import model_fixture
+import tiny_data
 
 FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED = ("two_tower", "dat_no_cal", "dat")
+REPO = tiny_data.REPO
+TRAINED = ("id_only", "two_tower", "dat_no_cal", "dat")
+# The full default run: every variant, then dat's refit beside popularity's.
+REPORTED = experiment.VARIANTS + ("popularity_refit", "dat_refit")
 
 
 def setUpModule():
@@ -73,7 +78,7 @@ class MetricsMixin:
     for name, values in metrics.items():
       self.assertGreater(values["users"], 0, name)
       for key, value in values.items():
-        if key == "users":
+        if key in ("users", "segments"):
           continue
         self.assertTrue(np.isfinite(value), (name, key))
         self.assertBetween(value, 0.0, 1.0, (name, key))
@@ -90,9 +95,11 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
     super().setUpClass()
     setUpModule()
     cls.root = tempfile.mkdtemp(prefix="tt_mimic_train_")
-    cls.dataset = model_fixture.write_dataset(cls.root)
+    cls.dataset = tiny_data.write_dataset(cls.root, "small")
     cls.model_dir = os.path.join(cls.root, "run")
-    cls.values = model_fixture.train_flags(cls.dataset, cls.model_dir)
+    cls.values = tiny_data.train_flags(cls.dataset, cls.model_dir,
+                                       variants=list(experiment.VARIANTS),
+                                       refit=True)
     cls.first_seconds = run_main(cls.values)
 
   @classmethod
@@ -129,9 +136,9 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
 
   def test_metrics_json(self):
     metrics = read_json(self.path("metrics.json"))
-    self.assertSaneMetrics(metrics, experiment.VARIANTS)
-    self.assertEqual(list(metrics), list(experiment.VARIANTS))
-    for name in TRAINED:
+    self.assertSaneMetrics(metrics, REPORTED)
+    self.assertEqual(list(metrics), list(REPORTED))
+    for name in TRAINED + ("dat_refit",):
       self.assertEqual(metrics[name],
                        read_json(self.path("variants", name,
                                            "result.json"))["test"])
@@ -142,8 +149,46 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
     report = open(self.path("report.md")).read()
     metrics = read_json(self.path("metrics.json"))
     self.assertIn(experiment.table(metrics), report)
-    for name in experiment.VARIANTS:
+    for name in REPORTED:
       self.assertIn(f"| {name} | {metrics[name]['recall@20']:.4f} |", report)
+    self.assertIn("## Where each variant hits (test segments)", report)
+
+  def test_segments_cover_every_test_user_and_book(self):
+    metrics = read_json(self.path("metrics.json"))
+    for name, values in metrics.items():
+      segments = values["segments"]
+      self.assertEqual(sum(s["users"] for s in
+                           segments["user_activity"].values()),
+                       values["users"], name)
+      targets = sum(s["targets"] for s in segments["item_popularity"].values())
+      for kind in ("cold_books", "category"):
+        self.assertEqual(sum(s["targets"] for s in segments[kind].values()),
+                         targets, (name, kind))
+      for kind, table in segments.items():
+        for segment, row in table.items():
+          self.assertBetween(row["recall@20"], 0.0, 1.0, (name, segment))
+
+  def test_refit_trains_the_chosen_epochs_on_train_and_validation(self):
+    dat = read_json(self.path("variants", "dat", "result.json"))
+    refit = read_json(self.path("variants", "dat_refit", "result.json"))
+    self.assertEqual(refit["best_epoch"], dat["best_epoch"])
+    self.assertTrue(refit["refit"])
+    self.assertTrue(os.path.exists(
+        self.path("variants", "dat_refit", "best", "weights.index")))
+    config, prep = pipeline.open_run(self.model_dir)
+    view = pipeline.refit_view(prep, config.train)
+    split = prep.data.events["split"]
+    self.assertEqual(len(prep.sequence), int((split == 0).sum()))
+    self.assertEqual(len(view.sequence), int((split <= 1).sum()))
+    # Test users see their validation book in the features and the mask.
+    events = prep.data.events
+    val = events[events["split"] == 1].groupby("user")["item"].first()
+    for user, seen, history in zip(prep.test.users, prep.test.seen,
+                                   prep.test.history):
+      if user in val.index:
+        self.assertIn(val[user], seen)
+        self.assertEqual(history[0], val[user])  # the latest known book
+    self.assertEqual(pipeline.exported_variant(self.model_dir), "dat_refit")
 
   def test_variant_directories(self):
     for name in TRAINED:
@@ -156,7 +201,7 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
       for h in state["history"]:
         for term in ("loss_main", "loss_u", "loss_v", "loss_ca"):
           self.assertTrue(np.isfinite(h[term]), (name, term))
-      amm = name != "two_tower"
+      amm = name not in ("two_tower", "id_only")
       self.assertEqual(state["history"][0]["loss_u"] > 0, amm, name)
       self.assertEqual(state["history"][0]["loss_ca"] > 0, name == "dat", name)
 
@@ -192,11 +237,11 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
     super().setUp()
     setUpModule()
     self.root = self.get_temp_dir()
-    self.dataset = model_fixture.write_dataset(self.root, n_users=120)
+    self.dataset = tiny_data.write_dataset(self.root, "small", n_users=120)
 
   def test_absurd_learning_rate_stops_the_run(self):
     model_dir = os.path.join(self.root, "diverged")
-    values = model_fixture.train_flags(
+    values = tiny_data.train_flags(
         self.dataset, model_dir, learning_rate=1e30,
         variants=["popularity", "two_tower"])
     with self.assertRaises(SystemExit) as raised:
@@ -216,17 +261,17 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
       # NaN inside model.fit's tf.function only, not in the eager warm-up.
       return value if tf.executing_eagerly() else value * np.nan
 
-    ingested = model_fixture.ingested(self.root)
-    prep = runner.prepare(ingested, features.FeatureConfig(history_length=5),
-                          runner.TrainConfig(eval_max_users=50))
+    ingested = tiny_data.ingested(self.root)
+    prep = pipeline.prepare(ingested, FeatureConfig(history_length=5),
+                            TrainConfig(eval_max_users=50))
     directory = os.path.join(self.root, "variant")
     with mock.patch.object(model_lib.losses, "category_alignment_loss",
                            nan_in_training):
       with self.assertRaises(trainer.NonFiniteLossError) as raised:
         trainer.train_variant(
-            "dat", prep, towers.TowerConfig(8, (16,), 8),
-            model_lib.LossConfig(), runner.TrainConfig(
-                batch_size=64, epochs=1, verbose=0, eval_max_users=50),
+            "dat", prep, TowerConfig(8, (16,), 8), LossConfig(),
+            TrainConfig(batch_size=64, epochs=1, verbose=0,
+                        eval_max_users=50),
             directory)
     self.assertFalse(os.path.exists(os.path.join(directory, "result.json")))
     return str(raised.exception)
@@ -242,11 +287,11 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
   def test_all_empty_numeric_columns(self):
     data_dir = os.path.join(self.root, "empty")
     os.makedirs(data_dir)
-    dataset = model_fixture.write_dataset(data_dir, n_users=160,
-                                          empty_numerics=True)
+    dataset = tiny_data.write_dataset(data_dir, "small", n_users=160,
+                                      empty_numerics=True)
     model_dir = os.path.join(self.root, "empty_run")
-    run_main(model_fixture.train_flags(dataset, model_dir,
-                                       variants=["popularity", "dat"]))
+    run_main(tiny_data.train_flags(dataset, model_dir,
+                                   variants=["popularity", "dat"]))
     report = read_json(os.path.join(model_dir, "ingest_report.json"))
     for column in features.NUMERIC_COLUMNS:
       self.assertEqual(report["invalid_values"][column]["missing"],
@@ -255,7 +300,7 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
     self.assertSaneMetrics(metrics, ["popularity", "dat"])
     for name, values in metrics.items():
       self.assertFalse(all(v == 1.0 for k, v in values.items()
-                           if k != "users"), name)
+                           if k not in ("users", "segments")), name)
       self.assertLess(values["recall@10"], 1.0, name)
     state = read_json(os.path.join(model_dir, "variants", "dat",
                                    "early_stopping.json"))
@@ -266,8 +311,7 @@ class DivergenceTest(tf.test.TestCase, MetricsMixin):
 class LearningRateScheduleTest(tf.test.TestCase):
 
   def _rates(self, schedule, steps):
-    config = runner.TrainConfig(learning_rate=0.1, epochs=2,
-                                lr_schedule=schedule)
+    config = TrainConfig(learning_rate=0.1, epochs=2, lr_schedule=schedule)
     optimizer = trainer.make_optimizer(config, steps_per_epoch=5)
     var = tf.Variable([1.0])
     rates = []
@@ -288,28 +332,7 @@ class LearningRateScheduleTest(tf.test.TestCase):
 
   def test_unknown_schedule(self):
     with self.assertRaisesRegex(ValueError, "lr_schedule.*'step' is not one of"):
-      trainer.make_optimizer(runner.TrainConfig(lr_schedule="step"))
-
-
-class HistoryFlagsTest(tf.test.TestCase):
-
-  def test_recent_length_must_be_below_history_length(self):
-    with flagsaver.flagsaver(history_length=0, recent_length=0):
-      self.assertEqual(common.run_config().features.history_length, 0)
-    with flagsaver.flagsaver(history_length=5, recent_length=4):
-      self.assertEqual(common.run_config().tower.recent_length, 4)
-    with self.assertRaisesRegex(flags.IllegalFlagValueError,
-                                "smaller than --history_length"):
-      with flagsaver.flagsaver(history_length=5, recent_length=5):
-        pass
-
-  def test_users_need_a_history_or_an_id_embedding(self):
-    with flagsaver.flagsaver(history_length=5, user_id_embedding=False):
-      self.assertFalse(common.run_config().tower.user_id_embedding)
-    with self.assertRaisesRegex(flags.IllegalFlagValueError,
-                                "no input that tells users apart"):
-      with flagsaver.flagsaver(history_length=0, user_id_embedding=False):
-        pass
+      trainer.make_optimizer(TrainConfig(lr_schedule="step"))
 
 
 class ResumeTest(tf.test.TestCase):
@@ -318,16 +341,16 @@ class ResumeTest(tf.test.TestCase):
   EPOCHS = 6
 
   def _command(self, model_dir):
-    values = model_fixture.train_flags(
+    values = tiny_data.train_flags(
         self.dataset, model_dir, epochs=self.EPOCHS, patience=0,
         variants=["two_tower"])
     return [sys.executable, "-m", "tt_mimic", "train",
-            *model_fixture.as_argv(values)]
+            *tiny_data.as_argv(values)]
 
   def setUp(self):
     super().setUp()
     self.root = self.get_temp_dir()
-    self.dataset = model_fixture.write_dataset(self.root, n_users=160)
+    self.dataset = tiny_data.write_dataset(self.root, "small", n_users=160)
 
   def test_sigkill_then_resume(self):
     model_dir = os.path.join(self.root, "resume")
@@ -397,13 +420,13 @@ class CrashDuringValidationTest(tf.test.TestCase):
 
   def test_history_is_complete_after_crash_in_validation(self):
     root = self.get_temp_dir()
-    prep = runner.prepare(model_fixture.ingested(root, n_users=120),
-                          features.FeatureConfig(history_length=5),
-                          runner.TrainConfig(eval_max_users=50))
-    config = runner.TrainConfig(batch_size=64, epochs=3, patience=0,
-                                verbose=0, eval_max_users=50)
-    tower = towers.TowerConfig(8, (16,), 8, use_amm=False)
-    loss = model_lib.LossConfig(use_cal=False)
+    prep = pipeline.prepare(tiny_data.ingested(root, n_users=120),
+                            FeatureConfig(history_length=5),
+                            TrainConfig(eval_max_users=50))
+    config = TrainConfig(batch_size=64, epochs=3, patience=0, verbose=0,
+                         eval_max_users=50)
+    tower = TowerConfig(8, (16,), 8, use_amm=False)
+    loss = LossConfig(use_cal=False)
     directory = os.path.join(root, "variant")
     real = trainer.FullCorpusValidation.on_epoch_end
 
@@ -427,3 +450,25 @@ class CrashDuringValidationTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class LazyAdamTest(tf.test.TestCase):
+
+  def test_sparse_updates_touch_only_the_batch_rows(self):
+    table = tf.Variable(tf.ones([5, 3]))
+    dense = tf.Variable(tf.ones([3]))
+    lazy = trainer.LazyAdam(0.1)
+    plain = tf.keras.optimizers.Adam(0.1)
+    table2, dense2 = tf.Variable(tf.ones([5, 3])), tf.Variable(tf.ones([3]))
+    for rows in ([0, 2], [2, 2]):  # the second batch repeats a row
+      grads = tf.IndexedSlices(tf.ones([2, 3]), tf.constant(rows),
+                               tf.constant([5, 3]))
+      lazy.apply_gradients([(grads, table), (tf.ones([3]), dense)])
+      plain.apply_gradients([(grads, table2), (tf.ones([3]), dense2)])
+    # Rows never in a batch keep their weights.
+    self.assertAllEqual(table.numpy()[[1, 3, 4]], np.ones([3, 3]))
+    # Dense variables get plain Adam.
+    self.assertAllClose(dense, dense2)
+    # Row 0, touched once at step 1, moved by exactly one Adam step: lr.
+    self.assertAllClose(table.numpy()[0], np.full(3, 0.9), atol=1e-4)
+    self.assertTrue(np.all(table.numpy()[2] < table.numpy()[0]))

@@ -1,4 +1,4 @@
-"""Tests for tt_mimic.ingest: CSV -> validated, pruned, split artifacts."""
+"""Tests for tt_mimic.data.ingest: CSV -> validated, pruned, split artifacts."""
 
 import dataclasses
 import json
@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_dataset
+import tiny_data
+from tt_mimic.config import IngestConfig
 from tt_mimic.data import ingest
 
 
@@ -42,7 +43,7 @@ def _config(books_csv, users_csv, **overrides):
   params = dict(books_limit=0, interactions_limit=0, min_user_interactions=1,
                 min_item_interactions=1)
   params.update(overrides)
-  return ingest.IngestConfig(str(books_csv), str(users_csv), **params)
+  return IngestConfig(str(books_csv), str(users_csv), **params)
 
 
 def _triples(result):
@@ -286,7 +287,8 @@ def test_leave_last_out_split(dataset_writer, ties):
   ds = dataset_writer(n_users=20, n_items=10, events_per_user=5, seed=11,
                       ties=ties)
   events = ds.events.copy()
-  short = events["userId"].isin(["U000", "U001"])
+  user_ids = sorted(events["userId"].unique())
+  short = events["userId"].isin(user_ids[:2])
   events = events[~short | (events.groupby("userId").cumcount() < 2)]
   users = _write(os.path.dirname(ds.users_csv) + "/short.csv", events)
   result = ingest.run(_config(ds.books_csv, users))
@@ -305,8 +307,9 @@ def test_leave_last_out_split(dataset_writer, ties):
   n_short = result.events.groupby("user").size().lt(3).sum()
   assert n_short == 2
   splits = result.report["splits"]
-  assert splits["test"]["users"] == splits["val"]["users"] == 18
-  assert splits["test"]["events"] == 18
+  # every user but the two short ones has a validation and a test event
+  assert splits["test"]["users"] == splits["val"]["users"] == len(user_ids) - 2
+  assert splits["test"]["events"] == len(user_ids) - 2
   assert sum(s["events"] for s in splits.values()) == len(result.events)
 
 
@@ -555,13 +558,69 @@ def test_run_cached_reingests_when_an_input_file_changes(dataset_writer,
 def test_write_dataset_is_deterministic(tmp_path):
   (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
-  a = write_dataset(tmp_path / "a", seed=7, ties=True)
-  b = write_dataset(tmp_path / "b", seed=7, ties=True)
+  a = tiny_data.write_dataset(tmp_path / "a", seed=7, ties=True)
+  b = tiny_data.write_dataset(tmp_path / "b", seed=7, ties=True)
   for x, y in ((a.books_csv, b.books_csv), (a.users_csv, b.users_csv)):
     with open(x, "rb") as f, open(y, "rb") as g:
       assert f.read() == g.read()
   assert not a.events.duplicated(["userId", "parent_asin"]).any()
-  assert len(a.events) == 12 * 5
+  tiny = tiny_data.SIZES["tiny"]
+  assert len(a.events) == tiny["n_users"] * tiny["events_per_user"]
+  assert a.events.groupby("userId").size().eq(tiny["events_per_user"]).all()
+  assert a.events["parent_asin"].isin(a.books["parent_asin"]).all()
+
+
+@pytest.mark.parametrize("size", sorted(tiny_data.SIZES))
+def test_write_dataset_has_the_structure_tests_rely_on(tmp_path, size):
+  # What the model, training and serving tests take for granted.
+  ds = tiny_data.write_dataset(tmp_path, size)
+  p = tiny_data.SIZES[size]
+  books, events = ds.books, ds.events
+  assert len(books) == p["n_items"] and books["parent_asin"].is_unique
+  assert events["userId"].nunique() == p["n_users"]
+  assert not events.duplicated(["userId", "parent_asin"]).any()
+  assert events["parent_asin"].isin(books["parent_asin"]).all()
+  assert events["timestamp"].is_unique
+  # Each genre has its own top-level category (where a book has one).
+  tops = books["categories"].map(lambda c: (json.loads(c) or [None] * 2)[1])
+  for g in range(p["n_genres"]):
+    assert set(tops[ds.book_genre == g].dropna()) == {
+        tiny_data.GENRES[g].top}
+  # Users read their genre as often as `preference` says.
+  genre = dict(zip(books["parent_asin"], ds.book_genre))
+  user = {tiny_data.user_id(u): g for u, g in enumerate(ds.user_genre)}
+  own = np.mean([genre[a] == user[u] for a, u in zip(events["parent_asin"],
+                                                     events["userId"])])
+  chance = 1 / p["n_genres"]
+  assert own == pytest.approx(p["preference"] + (1 - p["preference"]) * chance,
+                              abs=0.1)
+  # Rank 0 is its genre's most read book (the serving tests name them), and
+  # popular books have more ratings.
+  reads = events["parent_asin"].value_counts()
+  numbers = books.set_index("parent_asin")["rating_number"].astype(int)
+  for g in range(p["n_genres"] if p["popularity"] > 0 else 0):
+    first = tiny_data.asin(g, 0)
+    genre_reads = reads.reindex(books["parent_asin"][ds.book_genre == g],
+                                fill_value=0)
+    assert genre_reads[first] == genre_reads.max(), (size, g)
+    assert numbers[first] == numbers[genre_reads.index].max(), (size, g)
+
+
+def test_write_dataset_dirt(tmp_path):
+  (tmp_path / "dirty").mkdir()
+  (tmp_path / "clean").mkdir()
+  dirty = tiny_data.write_dataset(tmp_path / "dirty").books
+  assert dirty["title"].str.contains(r'\\"').any()  # a quote inside
+  assert dirty["title"].map(lambda t: "," in json.loads(t)[0]).all()
+  assert {"Unknown", ""} <= set(dirty["author"])
+  assert (dirty["categories"] == "[]").any() and (dirty["price"] == "").any()
+  clean = tiny_data.write_dataset(tmp_path / "clean", dirt=False).books
+  assert not clean["title"].str.contains(r'\\"').any()
+  assert not {"Unknown", ""} & set(clean["author"])
+  assert (clean["categories"] != "[]").all() and (clean["price"] != "").all()
+  empty = tiny_data.write_dataset(tmp_path, empty_numerics=True).books
+  for column in ("average_rating", "rating_number", "price"):
+    assert (empty[column] == "").all(), column
 
 
 # ------------------------------------------------------------------- CLI

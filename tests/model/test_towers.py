@@ -1,0 +1,287 @@
+"""Tests for tt_mimic.model.towers: the user and item towers on a tiny
+prepared dataset (tiny_model)."""
+
+import dataclasses
+
+from absl.testing import parameterized
+import numpy as np
+
+import tt_mimic  # noqa: F401  (must precede TensorFlow)
+import tensorflow as tf
+
+from tt_mimic.config import LossConfig
+from tt_mimic.model import dat as model_lib
+from tt_mimic.model import towers
+from tt_mimic.training import pipeline
+
+from tiny_model import NormMixin
+from tiny_model import TOWER
+from tiny_model import build
+from tiny_model import raw_books
+from tiny_model import shared_prep
+from tiny_model import train_batch
+
+
+def user_tower(prep, built, **config) -> towers.UserTower:
+  """A fresh user tower with TOWER's sizes changed by `config`, on `built`'s
+  item table."""
+  sizes = prep.vocab.sizes()
+  return towers.UserTower(
+      sizes, dataclasses.replace(TOWER, **config), built.user_tower.table,
+      towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
+
+
+class MaskedMeanTest(tf.test.TestCase):
+
+  def test_mean_over_non_padding(self):
+    # Row 0: ids [1, 0, 2] -> mean of [1, 2] and [5, 6] = [3, 4].
+    # Row 1: all padding -> zeros, not NaN.
+    embedded = tf.constant([[[1., 2.], [3., 4.], [5., 6.]],
+                            [[7., 8.], [9., 9.], [1., 1.]]])
+    ids = tf.constant([[1, 0, 2], [0, 0, 0]])
+    self.assertAllClose(towers.masked_mean(embedded, ids),
+                        [[3., 4.], [0., 0.]])
+
+
+class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
+
+  @parameterized.parameters(True, False)
+  def test_outputs_are_unit_norm(self, use_amm):
+    prep, built = build(use_amm=use_amm)
+    n = len(prep.data.items)
+    p_v, a_v, category = built.encoder(tf.range(1, n + 1))
+    self.assertEqual(p_v.shape, (n, TOWER.output_dim))
+    self.assertUnitNorm(p_v)
+    self.assertEqual(category.shape, (n,))
+    batch = {"user_id": tf.constant(prep.val.user_id[:17]),
+             "history": tf.constant(prep.val.history[:17])}
+    p_u, a_u = built.user_tower(batch)
+    self.assertEqual(p_u.shape, (17, TOWER.output_dim))
+    self.assertUnitNorm(p_u)
+    if use_amm:
+      self.assertEqual(a_u.shape, (17, TOWER.output_dim))
+      self.assertEqual(a_v.shape, (n, TOWER.output_dim))
+    else:
+      self.assertIsNone(a_u)
+      self.assertIsNone(a_v)
+
+  def test_without_amm_there_are_no_augmented_vectors(self):
+    _, built = build(use_amm=False)
+    self.assertIsNone(built.user_tower.augmented)
+    self.assertIsNone(built.item_tower.augmented)
+    names = [v.name for v in built.model.variables]
+    self.assertFalse([n for n in names if "/a_u/" in n or "/a_v/" in n], names)
+    _, with_amm = build(use_amm=True)
+    names = [v.name for v in with_amm.model.trainable_variables]
+    self.assertLen([n for n in names if "/a_u/" in n], 1)
+    self.assertLen([n for n in names if "/a_v/" in n], 1)
+
+  def test_unknown_users_and_empty_history(self):
+    prep, built = build()
+    h = prep.feature_config.history_length
+    known = int(prep.val.user_id[0])
+    hist = prep.val.history[0]
+    batch = {"user_id": tf.constant([0, 0, known, known], tf.int64),
+             "history": tf.constant(np.stack([np.zeros(h, np.int64), hist,
+                                              np.zeros(h, np.int64), hist]))}
+    p_u, _ = built.user_tower(batch)
+    self.assertUnitNorm(p_u)
+    # Training mode with the user id always dropped.
+    tower = user_tower(prep, built, user_id_dropout=1.0)
+    p_dropped, a_dropped = tower(batch, training=True)
+    self.assertUnitNorm(p_dropped)
+    # The id is hidden from the tower's input (rows 2, 3 score like unknown
+    # users 0, 1), but a_u stays the user's own, for the mimic loss.
+    self.assertAllClose(p_dropped[2:], tower(batch)[0][:2], atol=1e-6)
+    own = tower.augmented(tf.constant([0, 0, known, known]))
+    self.assertAllClose(a_dropped, own)
+    self.assertGreater(float(tf.reduce_max(tf.abs(own[2] - own[0]))), 1e-4)
+
+  def test_history_dropout_hides_the_whole_history_in_training(self):
+    prep, built = build()
+    hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 2)
+    user = int(prep.val.user_id[0])
+    batch = {"user_id": tf.constant([user, user], tf.int64),
+             "history": tf.constant(np.stack([hist, np.zeros_like(hist)]))}
+    tower = user_tower(prep, built, history_dropout=1.0, user_id_dropout=0.0)
+    p_u, _ = tower(batch)  # inference: the history counts
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+    p_u, _ = tower(batch, training=True)
+    self.assertUnitNorm(p_u)
+    self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
+
+  def test_without_user_id_embedding_a_user_is_their_history(self):
+    prep, built = build()
+    hist = prep.val.history[0]
+    users = [int(prep.val.user_id[0]), int(prep.val.user_id[1])]
+    batch = {"user_id": tf.constant(users, tf.int64),
+             "history": tf.constant(np.stack([hist, hist]))}
+    plain = user_tower(prep, built, user_id_embedding=False, use_amm=False)
+    p_u, _ = plain(batch)
+    self.assertUnitNorm(p_u)
+    self.assertIsNone(plain.user_id)
+    self.assertNotIn("user_id", [v.name.split("/")[-2]
+                                 for v in plain.trainable_variables])
+    self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
+    # Under AMM the per-user a_u still tells the two users apart.
+    p_u, _ = user_tower(prep, built, user_id_embedding=False)(batch)
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+
+  def test_history_dedupe_gives_the_same_features(self):
+    prep, built = build()
+    history = tf.constant(prep.val.history[:9])  # repeats and padding
+    embed = built.user_tower.embed_books
+    self.assertAllClose(towers.embed_history(embed, history, dedupe=True),
+                        towers.embed_history(embed, history, dedupe=False),
+                        atol=1e-6)
+
+  def test_recent_pool_makes_history_order_matter(self):
+    prep, built = build()
+    hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 4)
+    n = np.count_nonzero(hist)
+    reordered = hist.copy()
+    reordered[:n] = hist[:n][::-1]  # same books, oldest first
+    batch = {"user_id": tf.zeros([2], tf.int64),
+             "history": tf.constant(np.stack([hist, reordered]))}
+    # The whole-history mean ignores order...
+    p_u, _ = built.user_tower(batch)
+    self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
+    # ...the recent pool does not.
+    tower = user_tower(prep, built, recent_length=2)
+    p_u, _ = tower(batch)
+    self.assertUnitNorm(p_u)
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+
+  def test_all_empty_item_features(self):
+    _, built = build()
+    c = shared_prep().feature_config
+    empty = {"id": tf.zeros([2], tf.int64), "author": tf.zeros([2], tf.int64),
+             "categories": tf.zeros([2, c.max_categories], tf.int64),
+             "title": tf.zeros([2, c.title_length], tf.int64),
+             "numeric": tf.constant([[0., 0., 0., 1., 1., 1.]] * 2)}
+    p_v, _ = built.item_tower(empty)
+    self.assertUnitNorm(p_v)
+
+  def test_unknown_books_through_the_preprocessor(self):
+    prep, built = build()
+    known = prep.data.items.iloc[0]
+    raw = raw_books(
+        parent_asin=["NOT_A_BOOK", "", known["parent_asin"], "X2"],
+        title=["", "zzqx unknownword", known["title"], "!!!"],
+        author=["Unknown", "", "Some New Author", known["author"]],
+        categories=[["", ""], ["", ""],
+                    ["Mystery, Thriller & Suspense", "Nonexistent > Path"],
+                    ["Children's Books", ""]],
+        average_rating=[np.nan] * 4, rating_number=[np.nan, -1., np.inf, 3.],
+        price=[np.nan] * 4)
+    x = prep.preprocessor(raw)
+    self.assertAllEqual(x["item"], [0, 0, 1, 0])
+    self.assertAllEqual(x["author"][:2], [1, 0])  # "Unknown" is just rare
+    self.assertAllEqual(x["categories"][0], [0] * prep.feature_config
+                        .max_categories)
+    self.assertAllEqual(x["title"][0], [0] * prep.feature_config.title_length)
+    self.assertAllEqual(x["cal_category"][:2], [0, 0])
+    x["id"] = tf.gather(prep.item_table["id"], x.pop("item"))
+    p_v, _ = built.item_tower(x)
+    self.assertUnitNorm(p_v)
+
+
+class TowerMimicGradientTest(tf.test.TestCase):
+  """Stop-gradient of the mimic losses on the real towers."""
+
+  def test_mimic_losses_only_train_their_augmented_vectors(self):
+    prep, built = build()
+    batch = train_batch(prep)
+    a_u_var = built.user_tower.augmented.embeddings
+    a_v_var = built.item_tower.augmented.embeddings
+    variables = built.model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+      p_u, a_u = built.user_tower(batch, training=True)
+      p_v, a_v, _ = built.encoder(batch["item"], training=True)
+      loss_u = model_lib.losses.mimic_loss(a_u, p_v)
+      loss_v = model_lib.losses.mimic_loss(a_v, p_u)
+      main = built.model.main_loss(p_u, p_v, batch["item"], True)
+    for loss, owner in ((loss_u, a_u_var), (loss_v, a_v_var)):
+      grads = tape.gradient(loss, variables)
+      reached = [v.name for v, g in zip(variables, grads) if g is not None]
+      self.assertEqual(reached, [owner.name])
+    grads = dict(zip([v.name for v in variables],
+                     tape.gradient(main, variables)))
+    self.assertIsNotNone(grads[a_u_var.name])
+    self.assertIsNotNone(grads[a_v_var.name])
+
+
+if __name__ == "__main__":
+  tf.test.main()
+
+
+class SparsePoolingTest(tf.test.TestCase, parameterized.TestCase):
+  """The sparse-product means equal the dense masked means, values and
+  gradients (they replaced them for speed)."""
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.table = tf.Variable(rng.normal(size=(30, 6)).astype(np.float32))
+    ids = rng.integers(0, 30, size=(7, 5))
+    ids[1] = 0  # a row with nothing
+    ids[2, 2:] = 0
+    self.ids = tf.constant(ids)
+
+  def _compare(self, fast, slow):
+    with tf.GradientTape(persistent=True) as tape:
+      a, b = fast(), slow()
+      # A non-linear read-out, so gradients differ where the means do.
+      loss_a = tf.reduce_sum(tf.sin(3.0 * a))
+      loss_b = tf.reduce_sum(tf.sin(3.0 * b))
+    self.assertAllClose(a, b, atol=1e-6)
+    self.assertAllClose(tf.convert_to_tensor(tape.gradient(loss_a, self.table)),
+                        tf.convert_to_tensor(tape.gradient(loss_b, self.table)),
+                        atol=1e-6)
+
+  def test_bag_mean(self):
+    self._compare(
+        lambda: towers.bag_mean(self.ids, self.table),
+        lambda: towers.masked_mean(tf.gather(self.table, self.ids), self.ids))
+
+  @parameterized.parameters(0, 2)
+  def test_pool_history(self, recent):
+    embed = lambda items: 2.0 * tf.gather(self.table, items)  # noqa: E731
+
+    def slow():
+      books = towers.embed_history(embed, self.ids, dedupe=False)
+      pools = [towers.masked_mean(books, self.ids)]
+      if recent:
+        pools.append(towers.masked_mean(books[:, :recent],
+                                        self.ids[:, :recent]))
+      return tf.concat(pools, axis=-1)
+
+    self._compare(
+        lambda: tf.concat(towers.pool_history(embed, self.ids, recent), -1),
+        slow)
+
+  def test_empty_history_row_is_zero(self):
+    pooled = towers.pool_history(lambda i: tf.gather(self.table, i),
+                                 self.ids)[0]
+    self.assertAllEqual(pooled[1], tf.zeros([6]))
+
+
+class IdOnlyTowerTest(tf.test.TestCase, NormMixin):
+
+  def test_towers_are_the_normalized_id_embeddings(self):
+    prep = shared_prep()
+    built = pipeline.build(
+        prep, dataclasses.replace(TOWER, id_only=True, use_amm=False),
+        LossConfig(use_cal=False))
+    built.model.compute_loss(pipeline.dummy_batch(prep))
+    batch = train_batch(prep)
+    p_u, a_u = built.user_tower(batch)
+    p_v, a_v, _ = built.encoder(batch["item"])
+    self.assertIsNone(a_u)
+    self.assertIsNone(a_v)
+    self.assertUnitNorm(p_u)
+    expected = tf.math.l2_normalize(
+        built.user_tower.user_id(batch["user_id"]), axis=-1)
+    self.assertAllClose(p_u, expected)
+    names = {v.name.split("/")[-2] for v in built.model.trainable_variables}
+    self.assertEqual(names, {"user_id", "item_id"})

@@ -1,0 +1,164 @@
+"""Tests for tt_mimic.serving.export: the query and candidate modules
+through save and load, and the exported SavedModels and indexes of the
+served run (tests/serving/conftest.py), in this process and in a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from tt_mimic.data import features
+from tt_mimic.serving import export
+
+import tiny_data
+from tiny_model import NormMixin
+from tiny_model import build
+
+K = tiny_data.SERVING_FLAGS["export_k"]
+# The tests of the served run (see conftest.py); ExportRoundTripTest needs
+# no run and may go to any worker.
+served_run = pytest.mark.xdist_group("serving")
+
+
+class ExportRoundTripTest(tf.test.TestCase, NormMixin):
+
+  def test_query_and_candidate_modules_survive_save_and_load(self):
+    prep, built = build()
+    data = prep.data
+    history = export.user_histories(data.events, len(data.users),
+                                    prep.feature_config.history_length)
+    query = export.QueryModule(built.user_tower, data.users,
+                               data.items["parent_asin"], prep.user_id_index,
+                               history)
+    candidate = export.CandidateModule(prep.preprocessor, built.item_tower,
+                                       prep.item_table["id"])
+    users = tf.constant([str(u) for u in data.users[:5]] + ["NEW_USER", ""])
+    hist = tf.constant([[data.items["parent_asin"].iloc[3], "", "NOPE"]] * 7)
+    books = data.items.iloc[:6]
+    raw = features.raw_item_features(books, prep.feature_config)
+    # The candidate module agrees with the training-time item encoder.
+    direct, _, _ = built.encoder(tf.range(1, 7))
+    self.assertAllClose(
+        candidate.serving_default(
+            **{k: tf.constant(v) for k, v in raw.items()})["embedding"],
+        direct, atol=1e-5)
+    raw["parent_asin"][-1] = "UNSEEN_BOOK"
+    raw["price"][:] = np.nan
+    raw_tensors = {k: tf.constant(v) for k, v in raw.items()}
+
+    before_q = query.serving_default(users)
+    before_h = query.with_history(users, hist)
+    before_c = candidate.serving_default(**raw_tensors)
+    self.assertUnitNorm(before_q["embedding"])
+    self.assertUnitNorm(before_h["embedding"])
+    self.assertUnitNorm(before_c["embedding"])
+    self.assertAllEqual(before_q["known"], [True] * 5 + [False] * 2)
+    self.assertAllEqual(before_h["known"], [True] * 7)
+
+    directory = self.get_temp_dir()
+    for name, module in (("query", query), ("candidate", candidate)):
+      export._save(module, os.path.join(directory, name))
+    loaded_q = tf.saved_model.load(os.path.join(directory, "query"))
+    loaded_c = tf.saved_model.load(os.path.join(directory, "candidate"))
+    after_q = loaded_q.serving_default(users)
+    after_h = loaded_q.with_history(users, hist)
+    after_c = loaded_c.serving_default(**raw_tensors)
+    sig = loaded_q.signatures["serving_default"](user_id=users)
+    for before, after in ((before_q, after_q), (before_h, after_h),
+                          (before_q, sig)):
+      self.assertAllClose(before["embedding"], after["embedding"], atol=1e-6)
+      self.assertAllEqual(before["known"], after["known"])
+    self.assertAllClose(before_c["embedding"], after_c["embedding"], atol=1e-6)
+    sig_c = loaded_c.signatures["serving_default"](**raw_tensors)
+    self.assertAllClose(before_c["embedding"], sig_c["embedding"], atol=1e-6)
+
+  def test_query_module_without_history(self):
+    # --history_length=0 (the DAT paper's towers): histories are ignored, so
+    # an unknown user with one stays unknown (popularity at the index).
+    prep, built = build()
+    data = prep.data
+    query = export.QueryModule(
+        built.user_tower, data.users, data.items["parent_asin"],
+        prep.user_id_index, np.zeros((len(data.users) + 1, 0), np.int64))
+    users = tf.constant([str(data.users[0]), "NEW_USER"])
+    hist = tf.constant([[data.items["parent_asin"].iloc[3]]] * 2)
+    out = query.with_history(users, hist)
+    self.assertUnitNorm(out["embedding"])
+    self.assertAllEqual(out["known"], [True, False])
+    self.assertAllClose(out["embedding"],
+                        query.serving_default(users)["embedding"], atol=1e-6)
+
+
+# ------------------------------------------------- the served run's export
+
+
+def _signature_defs(path):
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  return proto.meta_graphs[0].signature_def
+
+
+@served_run
+def test_named_signatures(run, brute_rec):
+  index = brute_rec.model
+  serving = index.signatures["serving_default"]
+  history = index.signatures["with_history"]
+  assert set(serving.structured_input_signature[1]) == {"user_id"}
+  assert set(history.structured_input_signature[1]) == {
+      "user_id", "history", "exclude"}
+  for fn in (serving, history):
+    outputs = fn.structured_outputs
+    assert set(outputs) == {"parent_asin", "scores"}
+    assert outputs["parent_asin"].dtype == tf.string
+    assert outputs["scores"].dtype == tf.float32
+  for name in ("index_brute_force", "index_scann"):
+    defs = _signature_defs(os.path.join(run.export, name))
+    for signature in ("serving_default", "with_history"):
+      for output in ("parent_asin", "scores"):
+        dims = [d.size for d in
+                defs[signature].outputs[output].tensor_shape.dim]
+        assert dims == [-1, K], (name, signature, output)
+  query = _signature_defs(os.path.join(run.export, "query"))
+  assert set(query["with_history"].inputs) == {"user_id", "history"}
+  assert set(query["serving_default"].outputs) == {"embedding", "known"}
+  candidate = _signature_defs(os.path.join(run.export, "candidate"))
+  assert set(candidate["serving_default"].inputs) == {
+      "parent_asin", "title", "author", "categories", "average_rating",
+      "rating_number", "price"}
+
+
+@served_run
+def test_scann_agrees_with_brute_force(run, info, users, scann_rec,
+                                       brute_rec):
+  del run
+  assert info["k"] == K and info["scann_agreement_at_k"] >= 0.95
+  a = brute_rec.recommend_batch(users, k=K, exclude_seen=False)
+  b = scann_rec.recommend_batch(users, k=K, exclude_seen=False)
+  overlap = [len({r["parent_asin"] for r in x} & {r["parent_asin"] for r in y})
+             / K for x, y in zip(a, b)]
+  assert np.mean(overlap) >= 0.95
+
+
+@served_run
+def test_fresh_process_loads_every_index(processes, users):
+  r = processes("fresh")
+  assert r.code == 0, r.err[-3000:]
+  line = [x for x in r.out.splitlines() if x.startswith("RESULT ")][-1]
+  out = json.loads(line[len("RESULT "):])
+  assert not out["scann_loaded_before_import"]
+  for name in ("index_brute_force", "index_scann"):
+    assert out[name]["outputs"] == {"parent_asin": [[4, K], "string"],
+                                    "scores": [[4, K], "float32"]}
+    assert out[name]["signatures"] == ["serving_default", "with_history"]
+    assert all(out[name]["first"])
+  assert out["query"]["embedding"] == [4, 8]
+  assert out["known"] == [True, True, True, False]
