@@ -46,6 +46,9 @@ EASE_MAX_ITEMS = 40_000
 TUNE_METRIC = "recall@20"
 
 
+REFIT_SPLITS = (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)
+
+
 class TooManyItemsError(ValueError):
   """EASE refuses a corpus whose books x books matrix is over the cap."""
 
@@ -53,9 +56,10 @@ class TooManyItemsError(ValueError):
 # ---------------------------------------------------------------- shared
 
 
-def train_pairs(events) -> tuple[np.ndarray, np.ndarray]:
-  """Distinct 0-based (user, book) index pairs of the training events."""
-  train = events[events["split"] == ingest.SPLIT_TRAIN]
+def train_pairs(events, splits=(ingest.SPLIT_TRAIN,)
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Distinct 0-based (user, book) index pairs of the events of `splits`."""
+  train = events[events["split"].isin(splits)]
   users = train["user"].to_numpy(np.int64) - 1
   items = train["item"].to_numpy(np.int64) - 1
   n_items = int(items.max()) + 1 if items.size else 1
@@ -102,8 +106,14 @@ def _padded(scores: np.ndarray) -> tf.Tensor:
 
 def _tune(name: str, settings: Sequence[dict], fit: Callable[[dict], object],
           scorer: Callable[[object, object], Callable], prep,
-          batch_size: int) -> dict:
-  """Fits each setting, keeps the best on validation, scores it on test."""
+          batch_size: int,
+          refit: Callable[[dict], object] | None = None) -> dict:
+  """Fits each setting, keeps the best on validation, scores it on test.
+
+  With `refit` (the same fit on training plus validation events), the best
+  setting is also refit so and scored on test, as `refit_test`: the peer's
+  counterpart of the exported dat_refit.
+  """
   if not settings:
     raise ValueError(f"{name}: the tuning grid is empty.")
   start = time.perf_counter()
@@ -121,6 +131,10 @@ def _tune(name: str, settings: Sequence[dict], fit: Callable[[dict], object],
   val, params, model = best
   test = evaluation.evaluate(scorer(model, prep.test), prep.test,
                              batch_size=batch_size)
+  best = model = None  # free the tuned model before the refit
+  if refit is not None:
+    test["refit_test"] = evaluation.evaluate(
+        scorer(refit(params), prep.test), prep.test, batch_size=batch_size)
   test.update(params=params, val=val, grid=grid,
               seconds=time.perf_counter() - start)
   for key, values in _grid_lists(settings).items():
@@ -246,7 +260,10 @@ def tune_ease(prep, lambdas: Sequence[float], batch_size: int = 256,
   # the peak is two books x books matrices: the best so far and the new one.
   fit = lambda p: ease_fit(users, items, n_items, p["lambda"],  # noqa: E731
                            max_items)
-  return _tune("EASE", settings, fit, ease_scorer, prep, batch_size)
+  all_users, all_items = train_pairs(prep.data.events, REFIT_SPLITS)
+  refit = lambda p: ease_fit(all_users, all_items, n_items,  # noqa: E731
+                             p["lambda"], max_items)
+  return _tune("EASE", settings, fit, ease_scorer, prep, batch_size, refit)
 
 
 # ------------------------------------------------------------------- ALS
@@ -350,4 +367,8 @@ def tune_als(prep, factors: Sequence[int], alphas: Sequence[float],
   fit = lambda p: als_fit(  # noqa: E731
       users, items, n_users, n_items, p["factors"], p["alpha"], p["reg"],
       p["iterations"], seed, threads, use_cg)
-  return _tune("ALS", settings, fit, als_scorer, prep, batch_size)
+  all_users, all_items = train_pairs(prep.data.events, REFIT_SPLITS)
+  refit = lambda p: als_fit(  # noqa: E731
+      all_users, all_items, n_users, n_items, p["factors"], p["alpha"],
+      p["reg"], p["iterations"], seed, threads, use_cg)
+  return _tune("ALS", settings, fit, als_scorer, prep, batch_size, refit)

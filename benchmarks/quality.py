@@ -76,10 +76,14 @@ def run_peers(prep, names, seed: int, batch_size: int) -> dict:
   if "ease" in names:
     out["ease"] = peers.tune_ease(prep, _floats(_EASE_GRID.value), batch_size,
                                   _EASE_MAX_ITEMS.value)
-  for name, result in out.items():
+  for name, result in list(out.items()):
     logging.info("%s test (seed %d, %.1f s): %s params %s", name, seed,
                  result["seconds"], {k: round(float(result[k]), 4) for k in METRICS},
                  result["params"])
+    if "refit_test" in result:
+      # Refit on training + validation with the chosen setting: the
+      # counterpart of dat_refit, under the same protocol.
+      out[name + "_refit"] = result.pop("refit_test")
   return out
 
 
