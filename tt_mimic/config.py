@@ -243,6 +243,8 @@ class ServeConfig(_Checked):
                                 "(413 above).", lower=1)
   max_batch: int = setting(256, "Most users in one request.", lower=1)
   max_history: int = setting(1000, "Most history entries per user.", lower=0)
+  request_timeout: float = setting(30.0, "Seconds a client may take to send "
+                                   "its request (408 after).", lower=0.1)
 
 
 SECTIONS = {"ingest": IngestConfig, "features": FeatureConfig,

@@ -188,6 +188,9 @@ class Server(http.server.ThreadingHTTPServer):
 
   daemon_threads = True
   allow_reuse_address = True
+  # The listen backlog: the default of 5 reset connections under 50
+  # concurrent clients (the kernel dropped the overflow).
+  request_queue_size = 1024
 
   def __init__(self, recommender: recommend.Recommender,
                config: ServeConfig = ServeConfig()):
@@ -198,6 +201,7 @@ class Server(http.server.ThreadingHTTPServer):
     self.max_batch = config.max_batch
     self.max_history = config.max_history
     self.default_k = min(config.k, recommender.k)
+    self.request_timeout = config.request_timeout
     self._lock = threading.Lock()
     self._counts = {"requests": 0, "predictions": 0, "errors": 0}
 
@@ -220,7 +224,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
   """Routes the TF Serving REST paths; every answer is JSON."""
 
   server: Server
-  timeout = 30  # seconds a client may take to send its request
+  def setup(self):
+    # Seconds a client may take to send its request (socket timeout).
+    self.timeout = self.server.request_timeout
+    super().setup()
   server_version = "tt_mimic-serve/" + tt_mimic.__version__
 
   # ---------------------------------------------------------------- routes
@@ -357,7 +364,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.close_connection = True
       raise RequestError(f"The body has {length} bytes; at most "
                          f"{self.server.max_body_bytes} are accepted.", 413)
-    data = self.rfile.read(length)
+    try:
+      data = self.rfile.read(length)
+    except TimeoutError:
+      self.close_connection = True
+      raise RequestError(f"The body did not arrive within "
+                         f"{self.server.request_timeout:g} s.", 408) from None
     if len(data) != length:
       self.close_connection = True
       raise RequestError(f"The body ended after {len(data)} of {length} "
