@@ -112,3 +112,15 @@ def test_a_missing_variant_is_a_clear_error(moved_run):
   with pytest.raises(pipeline.RunError, match="no trained 'two_tower'"):
     pipeline.load_variant(moved_run, config, prep, "two_tower")
   assert isinstance(config, config_lib.RunConfig)
+
+
+def test_export_json_says_where_the_export_comes_from(moved_run):
+  info = _json(moved_run, "export", "export.json")["provenance"]
+  assert info["package_version"] == tt_mimic.__version__
+  assert info["config"] == json.loads(
+      pipeline.read_config(moved_run).to_json())
+  assert info["metrics"]["dat_refit"]["recall@20"] == _json(
+      moved_run, "metrics.json")["dat_refit"]["recall@20"]
+  assert info["fitted_on_splits"] == [0, 1]  # the refit: train + validation
+  assert info["inputs"]["books_csv"].endswith("books.csv")
+  assert len(info["ingest_key"]) == 16

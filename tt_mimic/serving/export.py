@@ -278,6 +278,27 @@ def _save(module, path, options=None):
   logging.info("Saved %s in %.1f s", path, time.monotonic() - start)
 
 
+def provenance(model_dir: str, prep: pipeline.Prepared) -> dict:
+  """Where an export comes from: package version, the run's resolved
+  config, its test metrics (without segments) and the input files."""
+  out = {"package_version": tt_mimic.__version__,
+         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         # The ingest key hashes the inputs' path, size and mtime with the
+         # ingest settings (ingest.cache_key).
+         "ingest_key": os.path.basename(prep.data.directory or ""),
+         "inputs": {k: prep.data.report.get("config", {}).get(k)
+                    for k in ("books_csv", "users_csv")},
+         "fitted_on_splits": list(prep.fit_splits)}
+  for name, key in (("config.json", "config"), ("metrics.json", "metrics")):
+    path = os.path.join(model_dir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        out[key] = json.load(f)
+  for values in out.get("metrics", {}).values():
+    values.pop("segments", None)
+  return out
+
+
 def user_histories(events: pd.DataFrame, num_users: int,
                    length: int) -> np.ndarray:
   """[num_users + 1, length] every user's most recent known books.
@@ -330,6 +351,7 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
                        items["train_count"].to_numpy(np.float64), config,
                        directory, queries)
   info["history_length"] = prep.feature_config.history_length
+  info["provenance"] = provenance(model_dir, prep)
   with open(os.path.join(directory, "export.json"), "w") as f:
     json.dump(info, f, indent=2)
   logging.info("Exported %s", directory)
