@@ -217,6 +217,18 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
       val_tags = scalar_events(os.path.join(base, "validation"))
       self.assertEqual(sorted(s for s, _ in val_tags["validation/recall@20"]),
                        [1, 2])
+      # epoch_loss is the epoch mean of the weighted terms (each itself an
+      # epoch mean), not the last (partial) batch's value.
+      values = {tag: dict(series) for tag, series in train_tags.items()}
+      for step in (0, 1):
+        terms = (values["epoch_loss_main"][step]
+                 + 0.5 * values["epoch_loss_u"][step]
+                 + 0.5 * values["epoch_loss_v"][step]
+                 + 1.0 * values["epoch_loss_ca"][step])
+        self.assertAllClose(values["epoch_loss"][step], terms, rtol=1e-4,
+                            msg=name)
+        self.assertAllClose(values["epoch_total_loss"][step],
+                            values["epoch_loss"][step], rtol=1e-6)
 
   def test_second_run_reuses_finished_variants(self):
     metrics = read_json(self.path("metrics.json"))

@@ -65,11 +65,26 @@ class DATModel(tfrs.Model):
             reduction=tf.keras.losses.Reduction.SUM),
         temperature=config.temperature, remove_accidental_hits=True)
     self.trackers = {name: tf.keras.metrics.Mean(name)
-                     for name in ("loss_main", "loss_u", "loss_v", "loss_ca")}
+                     for name in ("loss_main", "loss_u", "loss_v", "loss_ca",
+                                  "loss", "regularization_loss")}
 
   @property
   def metrics(self):
     return list(self.trackers.values())
+
+  def train_step(self, inputs):
+    """TFRS's step; the losses it logs become epoch means, like the terms.
+
+    TFRS returns the last batch's loss, regularization loss and total, so
+    the epoch series in TensorBoard were one (often partial) batch's values.
+    """
+    logs = super().train_step(inputs)
+    self.trackers["regularization_loss"].update_state(
+        logs["regularization_loss"])
+    logs["loss"] = self.trackers["loss"].result()
+    logs["regularization_loss"] = self.trackers["regularization_loss"].result()
+    logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
+    return logs
 
   def _sample(self, count: int) -> tf.Tensor:
     return tf.random.uniform([count], 1, self.num_items + 1, tf.int64)
@@ -135,6 +150,7 @@ class DATModel(tfrs.Model):
       terms[name] = value
     total = (terms["loss_main"] + cfg.lambda_u * terms["loss_u"]
              + cfg.lambda_v * terms["loss_v"] + cfg.lambda_ca * terms["loss_ca"])
+    self.trackers["loss"].update_state(total)
     # Every term is a per-replica mean; gradients are summed over replicas
     # under tf.distribute, so scale to the mean over the global batch.
     return total / tf.distribute.get_strategy().num_replicas_in_sync
