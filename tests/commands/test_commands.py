@@ -179,6 +179,13 @@ def test_entry_point_lists_commands_and_refuses_unknown_ones():
   assert "unknown command 'bogus'" in result.stderr
 
 
+def test_command_help_lists_its_flags_and_the_run_flags():
+  result = _tt_mimic("evaluate", "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "--eval_split" in result.stdout  # the command's own
+  assert "--batch_size" in result.stdout and "--books_csv" in result.stdout
+
+
 def test_ingest_command_runs_with_the_sample_flagfile(tmp_path, tiny_dataset):
   # The documented `make ingest FLAGFILE=flags/sample.cfg`, on tiny data.
   result = _tt_mimic("ingest", "--flagfile=flags/sample.cfg",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from absl import flags
+
 COMMANDS = {
     "train": "ingest, train and compare the variants, export, recommend",
     "ingest": "only the ingest step, with its report",
@@ -40,7 +42,25 @@ def main(argv=None) -> None:
     print(f"tt-mimic: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(f"tt_mimic.commands.{name}")
+  if name != "synth" and any(a in _HELP for a in argv[2:]):
+    print(command_help(name, module))
+    sys.exit(0)
   module.run([f"tt-mimic {name}"] + argv[2:])
+
+
+_HELP = ("-h", "-?", "--help", "--helpshort")
+
+
+def command_help(name: str, module) -> str:
+  """The command's own flags, then the run flags it shares with the others
+  (absl's --help would list only the flags of the `__main__` module)."""
+  parts = [f"tt-mimic {name}: {COMMANDS[name]}", ""]
+  own = flags.FLAGS.module_help(module.__name__).strip()
+  if own:
+    parts += [own, ""]
+  parts += [flags.FLAGS.module_help("tt_mimic.commands.common").strip(), "",
+            "--helpfull also lists absl's own flags."]
+  return "\n".join(parts)
 
 
 if __name__ == "__main__":
