@@ -230,6 +230,16 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
         self.assertAllClose(values["epoch_total_loss"][step],
                             values["epoch_loss"][step], rtol=1e-6)
 
+  def test_projector_is_a_tensorboard_run(self):
+    # An event file makes TensorBoard list the projector directory as a run
+    # when it is given the run's (or a parent) directory.
+    directory = self.path("tensorboard", "projector")
+    self.assertTrue(glob.glob(os.path.join(directory, "events.out.*")))
+    self.assertTrue(os.path.exists(os.path.join(directory,
+                                                "projector_config.pbtxt")))
+    tags = scalar_events(directory)
+    self.assertEqual(tags["projector/books"][0][0], 0)
+
   def test_second_run_reuses_finished_variants(self):
     metrics = read_json(self.path("metrics.json"))
     stamps = {name: os.path.getmtime(self.path("variants", name,

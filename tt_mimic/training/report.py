@@ -9,6 +9,7 @@ import pandas as pd
 
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
+from tensorboard.plugins import projector
 
 from tt_mimic.training import evaluation
 from tt_mimic.training import experiment
@@ -160,7 +161,6 @@ def examples(prep: pipeline.Prepared, built: pipeline.Built, emb: np.ndarray,
 def write_projector(log_dir: str, prep: pipeline.Prepared, emb: np.ndarray,
                     max_items: int = 10000) -> None:
   """Item embeddings (the most popular `max_items`) for TensorBoard's projector."""
-  from tensorboard.plugins import projector  # pylint: disable=g-import-not-at-top
   os.makedirs(log_dir, exist_ok=True)
   items = prep.data.items
   emb = emb[1:]
@@ -180,6 +180,13 @@ def write_projector(log_dir: str, prep: pipeline.Prepared, emb: np.ndarray,
   embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
   embedding.metadata_path = "metadata.tsv"
   projector.visualize_embeddings(log_dir, config)
+  # TensorBoard takes a directory for a run only when it holds an event
+  # file; without one the Projector tab said "No checkpoint was found"
+  # unless TensorBoard was pointed at this directory alone.
+  writer = tf.summary.create_file_writer(log_dir)
+  with writer.as_default():
+    tf.summary.scalar("projector/books", len(keep), step=0)
+  writer.close()
 
 
 SEGMENT_TITLES = {"user_activity": "users by known events",
