@@ -71,11 +71,12 @@ def _define(cls) -> dict[str, str]:
 def _values(cls, names: dict[str, str], values) -> dict:
   """Field values of `cls` from flag values (a mapping by flag name)."""
   hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
   out = {}
   for field, name in names.items():
     value = values[name]
     if typing.get_origin(hints[field]) is tuple:
-      each = dataclasses.fields(cls)[list(names).index(field)].metadata["each"]
+      each = fields[field].metadata["each"]
       try:
         value = tuple(each(v) for v in value if str(v).strip())
       except ValueError:

@@ -31,10 +31,10 @@ def main(argv):
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
   given = common.run_config().export
+  names = common.given(_EXPORT_FLAGS)
   overrides = {f.name: getattr(given, f.name)
                for f in dataclasses.fields(given)
-               if (f.metadata.get("flag") or f.name) in common.given(
-                   _EXPORT_FLAGS)}
+               if (f.metadata.get("flag") or f.name) in names}
   export.export_run(model_dir, prep, built,
                     dataclasses.replace(config.export, **overrides))
 

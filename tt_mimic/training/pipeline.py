@@ -62,6 +62,7 @@ class Prepared:
   feature_config: FeatureConfig
   preprocessor: features.ItemPreprocessor
   item_table: dict
+  item_categories: np.ndarray  # [num_items + 1] top-level category, '' = none
   sequence: data_lib.TrainSequence
   user_id_index: np.ndarray
   item_probability: np.ndarray
@@ -69,12 +70,17 @@ class Prepared:
   val: data_lib.EvalSet
   test: data_lib.EvalSet
   fit_splits: tuple[int, ...] = (ingest.SPLIT_TRAIN,)
+  # (train config, view) of the last `refit_view`, so that training, export
+  # and the example printed after them share one.
+  refit_cache: tuple | None = dataclasses.field(default=None, repr=False,
+                                                compare=False)
 
 
 def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
                          state_dir: str | None):
-  """Vocabularies and item table: loaded from `state_dir` when it holds them
-  for the same data and features, else built (and saved there)."""
+  """(vocabularies, preprocessor, item table): the state loaded from
+  `state_dir` when it holds it for the same data and features, else built
+  (and saved there)."""
   stamp = {"ingest": os.path.basename(data.directory or ""),
            "features": dataclasses.asdict(feature_config)}
   paths = {name: os.path.join(state_dir or "", name) for name in
@@ -85,7 +91,8 @@ def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
         vocab = features.load_vocabularies(paths["vocabularies.json"], data)
         with np.load(paths["item_table.npz"]) as saved:
           table = {name: saved[name] for name in saved.files}
-        return vocab, table
+        return (vocab, features.make_preprocessor(vocab, feature_config),
+                table)
   vocab = features.build_vocabularies(data, feature_config)
   preprocessor = features.make_preprocessor(vocab, feature_config)
   table = features.build_item_table(data.items, preprocessor, feature_config)
@@ -95,7 +102,7 @@ def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
     np.savez(paths["item_table.npz"], **table)
     with open(paths["state.json"], "w") as f:
       json.dump(stamp, f, indent=1)
-  return vocab, table
+  return vocab, preprocessor, table
 
 
 def prepare(data: ingest.Ingested, feature_config: FeatureConfig,
@@ -110,17 +117,20 @@ def prepare(data: ingest.Ingested, feature_config: FeatureConfig,
     state_dir: where the preprocessing state is kept (a run's
       `preprocessing/`); None builds it and keeps nothing.
   """
-  vocab, table = _preprocessing_state(data, feature_config, state_dir)
-  preprocessor = features.make_preprocessor(vocab, feature_config)
+  vocab, preprocessor, table = _preprocessing_state(data, feature_config,
+                                                    state_dir)
   for name, values in table.items():
     if not np.all(np.isfinite(values)):
       raise ValueError(f"Item feature '{name}' has non-finite values after "
                        "preprocessing; check the numeric columns.")
+  categories = np.array([""] + [features.top_category(list(c))
+                                 for c in data.items["categories"]],
+                         dtype=object)
   return _with_fit(Prepared(
       data=data, vocab=vocab, feature_config=feature_config,
-      preprocessor=preprocessor, item_table=table, sequence=None,
-      user_id_index=None, item_probability=None, item_counts=None, val=None,
-      test=None),
+      preprocessor=preprocessor, item_table=table,
+      item_categories=categories, sequence=None, user_id_index=None,
+      item_probability=None, item_counts=None, val=None, test=None),
       train_config, (ingest.SPLIT_TRAIN,))
 
 
@@ -151,13 +161,16 @@ def _with_fit(prep: Prepared, train_config: TrainConfig,
       item_counts=counts.astype(np.int64),
       val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
       test=make(ingest.SPLIT_TEST, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)),
-      fit_splits=tuple(splits))
+      fit_splits=tuple(splits), refit_cache=None)
 
 
 def refit_view(prep: Prepared, train_config: TrainConfig) -> Prepared:
   """`prep` for a model fitted on training plus validation events (the
   vocabularies and item table stay those of the training split)."""
-  return _with_fit(prep, train_config, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL))
+  if prep.refit_cache is None or prep.refit_cache[0] != train_config:
+    prep.refit_cache = (train_config, _with_fit(
+        prep, train_config, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)))
+  return prep.refit_cache[1]
 
 
 # ------------------------------------------------------------------ runs
@@ -343,12 +356,6 @@ def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
   return np.concatenate([np.zeros_like(out[:1]), out])
 
 
-def top_categories(prep: Prepared) -> np.ndarray:
-  """[num_items + 1] top-level category per corpus index ('' for none)."""
-  return np.array([""] + [features.top_category(list(c))
-                          for c in prep.data.items["categories"]], dtype=object)
-
-
 def test_metrics(score_fn, prep: Prepared, batch_size: int) -> dict:
   """Full-corpus test metrics, with `segments` (evaluation.segment_metrics:
   by user activity, book popularity, cold books and category)."""
@@ -357,7 +364,7 @@ def test_metrics(score_fn, prep: Prepared, batch_size: int) -> dict:
                                         return_ranked=True)
   if ranked is not None:
     metrics["segments"] = evaluation.segment_metrics(
-        ranked, prep.test, prep.item_counts, top_categories(prep))
+        ranked, prep.test, prep.item_counts, prep.item_categories)
   return metrics
 
 

@@ -51,7 +51,7 @@ def diagnostics(prep: pipeline.Prepared, built: pipeline.Built, result: dict,
   """
   rng = np.random.default_rng(0)
   n_items = len(prep.data.items)
-  cats = pipeline.top_categories(prep)
+  cats = prep.item_categories
   same, chance = neighbour_overlap(emb, cats, rng)
   lines = [f"- Item embeddings p_v: {n_items} books, L2 norms "
            f"{_summary(np.linalg.norm(emb[1:], axis=1))}.",
@@ -127,7 +127,7 @@ def examples(prep: pipeline.Prepared, built: pipeline.Built, emb: np.ndarray,
              n_users: int = 3, k: int = 10) -> list[str]:
   """Sample test users: history, top-k and category/author match rates."""
   items = prep.data.items
-  cats = pipeline.top_categories(prep)
+  cats = prep.item_categories
   authors = np.r_[[""], items["author"].to_numpy(dtype=object)]
   titles = np.r_[[""], items["title"].to_numpy(dtype=object)]
   test = prep.test
