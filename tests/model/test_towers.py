@@ -31,15 +31,23 @@ def user_tower(prep, built, **config) -> towers.UserTower:
       towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
 
 
-class MaskedMeanTest(tf.test.TestCase):
+def dense_mean(embedded: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+  """The reference the sparse means are checked against: the mean of
+  embedded[..., j, :] over positions with ids != 0, zeros where none."""
+  mask = tf.cast(ids != 0, embedded.dtype)[..., None]
+  total = tf.reduce_sum(embedded * mask, axis=-2)
+  return tf.math.divide_no_nan(total, tf.reduce_sum(mask, axis=-2))
+
+
+class BagMeanTest(tf.test.TestCase):
 
   def test_mean_over_non_padding(self):
-    # Row 0: ids [1, 0, 2] -> mean of [1, 2] and [5, 6] = [3, 4].
-    # Row 1: all padding -> zeros, not NaN.
-    embedded = tf.constant([[[1., 2.], [3., 4.], [5., 6.]],
-                            [[7., 8.], [9., 9.], [1., 1.]]])
+    # Row 0: ids [1, 0, 2] -> mean of rows 1 and 2, [1, 2] and [5, 6] =
+    # [3, 4]. Row 1: all padding -> zeros, not NaN.
+    table = tf.constant([[9., 9.], [1., 2.], [5., 6.]])
     ids = tf.constant([[1, 0, 2], [0, 0, 0]])
-    self.assertAllClose(towers.masked_mean(embedded, ids),
+    self.assertAllClose(towers.bag_mean(ids, table), [[3., 4.], [0., 0.]])
+    self.assertAllClose(dense_mean(tf.gather(table, ids), ids),
                         [[3., 4.], [0., 0.]])
 
 
@@ -127,13 +135,14 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     p_u, _ = user_tower(prep, built, user_id_embedding=False)(batch)
     self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
 
-  def test_history_dedupe_gives_the_same_features(self):
+  def test_history_pool_equals_the_dense_mean_on_real_features(self):
     prep, built = build()
     history = tf.constant(prep.val.history[:9])  # repeats and padding
     embed = built.user_tower.embed_books
-    self.assertAllClose(towers.embed_history(embed, history, dedupe=True),
-                        towers.embed_history(embed, history, dedupe=False),
-                        atol=1e-6)
+    books = tf.reshape(embed(tf.reshape(history, [-1])),
+                       [9, history.shape[1], -1])
+    self.assertAllClose(towers.pool_history(embed, history)[0],
+                        dense_mean(books, history), atol=1e-6)
 
   def test_recent_pool_makes_history_order_matter(self):
     prep, built = build()
@@ -242,18 +251,17 @@ class SparsePoolingTest(tf.test.TestCase, parameterized.TestCase):
   def test_bag_mean(self):
     self._compare(
         lambda: towers.bag_mean(self.ids, self.table),
-        lambda: towers.masked_mean(tf.gather(self.table, self.ids), self.ids))
+        lambda: dense_mean(tf.gather(self.table, self.ids), self.ids))
 
   @parameterized.parameters(0, 2)
   def test_pool_history(self, recent):
     embed = lambda items: 2.0 * tf.gather(self.table, items)  # noqa: E731
 
     def slow():
-      books = towers.embed_history(embed, self.ids, dedupe=False)
-      pools = [towers.masked_mean(books, self.ids)]
+      books = embed(self.ids)  # [batch, h, d], every slot embedded
+      pools = [dense_mean(books, self.ids)]
       if recent:
-        pools.append(towers.masked_mean(books[:, :recent],
-                                        self.ids[:, :recent]))
+        pools.append(dense_mean(books[:, :recent], self.ids[:, :recent]))
       return tf.concat(pools, axis=-1)
 
     self._compare(

@@ -32,28 +32,13 @@ def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
   return tf.keras.Sequential(layers, name=name)
 
 
-def masked_mean(embedded: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
-  """Mean of embedded[..., j, :] over positions with ids != 0.
-
-  Args:
-    embedded: [..., n, dim] embeddings.
-    ids: [..., n] integer ids, 0 = padding.
-
-  Returns:
-    [..., dim]; zeros where every position is padding.
-  """
-  mask = tf.cast(ids != 0, embedded.dtype)[..., None]
-  total = tf.reduce_sum(embedded * mask, axis=-2)
-  return tf.math.divide_no_nan(total, tf.reduce_sum(mask, axis=-2))
-
-
 def bag_mean(ids: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
   """Mean of table rows over each row's non-zero ids: [n, t] -> [n, d].
 
-  The same as `masked_mean(tf.gather(table, ids), ids)`, as a sparse
-  [n, rows of table] x [rows, d] product: no [n, t, d] tensor, and the
-  table's gradient is dense (one table-sized update) instead of an
-  [n * t, d] slice that the optimizer must first sum by row.
+  Zeros for a row of padding only. A sparse [n, rows of table] x [rows, d]
+  product: no [n, t, d] tensor of gathered rows, and the table's gradient
+  is dense (one table-sized update) instead of an [n * t, d] slice that the
+  optimizer must first sum by row.
   """
   ids = tf.cast(ids, tf.int64)
   keep = ids != 0
@@ -139,34 +124,14 @@ class ItemTower(tf.keras.Model):
     return tf.math.l2_normalize(output, axis=-1), augmented
 
 
-def embed_history(embed, history: tf.Tensor, dedupe: bool = True) -> tf.Tensor:
-  """[batch, h] item indices -> [batch, h, d] via `embed` ([n] -> [n, d]).
-
-  With `dedupe`, each distinct book of the batch is embedded once and the
-  rows are gathered back: a batch of 256 histories of 50 holds far fewer
-  distinct books than 12,800, and each book's features (title tokens,
-  categories) are the costly part. The result is the same either way
-  (benchmarks/history_dedupe.py measures the speed-up).
-  """
-  flat = tf.reshape(history, [-1])
-  if dedupe:
-    unique, position = tf.unique(flat)
-    rows = tf.gather(embed(unique), position)
-  else:
-    rows = embed(flat)
-  shape = tf.shape(history)
-  return tf.reshape(rows, [shape[0], shape[1], rows.shape[-1]])
-
-
 def pool_history(embed, history: tf.Tensor,
                  recent: int = 0) -> list[tf.Tensor]:
   """Means of `embed`(book) over each row's history, one embedding per book.
 
-  The same as `masked_mean(embed_history(embed, history), history)`, but
-  each distinct book of the batch is embedded once and the mean is a sparse
+  Each distinct book of the batch is embedded once and the mean is a sparse
   [batch, distinct books] x [distinct books, d] product: no [batch, h, d]
-  tensor is formed, forward or backward (it was most of a training step's
-  time; benchmarks/throughput.py).
+  tensor is formed, forward or backward (gathering one was most of a
+  training step's time; benchmarks/throughput.py).
 
   Args:
     embed: [n] item indices -> [n, d] features.
