@@ -153,11 +153,15 @@ def test_train_dataset_features_and_coverage(ingested):
 def test_train_dataset_is_deterministic_under_a_seed(ingested):
   seq = data.train_sequence(ingested.events)
   index = _user_id_index(ingested.events)
+  steps = -(-len(seq) // 5)
 
-  def orders(seed):
+  def orders(seed, first_epoch=0):
     ds = data.train_dataset(seq, index, history_length=3, batch_size=5,
-                            seed=seed)
-    return [_epoch(ds)[1] for _ in range(2)]  # two epochs
+                            seed=seed, epochs=2, first_epoch=first_epoch)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == steps * (2 - first_epoch)
+    return [{k: np.concatenate([b[k] for b in batches[i:i + steps]])
+             for k in batches[0]} for i in range(0, len(batches), steps)]
 
   first, again, other = orders(7), orders(7), orders(8)
   for a, b in zip(first, again):
@@ -168,6 +172,10 @@ def test_train_dataset_is_deterministic_under_a_seed(ingested):
       first[0]["user_id"].tolist() != first[1]["user_id"].tolist())
   assert list(zip(first[0]["user_id"], first[0]["item"])) != list(
       zip(other[0]["user_id"], other[0]["item"]))
+  # A dataset that starts at epoch 1 (a resumed run) gives epoch 1's order.
+  (resumed,) = orders(7, first_epoch=1)
+  for key in resumed:
+    np.testing.assert_array_equal(resumed[key], first[1][key])
   # but every epoch still covers the same examples
   assert sorted(zip(first[1]["user_id"], first[1]["item"])) == sorted(
       zip(first[0]["user_id"], first[0]["item"]))

@@ -358,14 +358,16 @@ class LearningRateScheduleTest(tf.test.TestCase):
 
 
 class ResumeTest(tf.test.TestCase):
-  """A killed run resumes from its last backup instead of epoch 1."""
+  """A run killed mid-training resumes from its last backup, not epoch 1,
+  and ends with the weights and metrics of a run never killed."""
 
   EPOCHS = 6
 
   def _command(self, model_dir):
+    # dat: every random draw of the model (id and history dropout) is used.
     values = tiny_data.train_flags(
         self.dataset, model_dir, epochs=self.EPOCHS, patience=0,
-        variants=["two_tower"])
+        variants=["dat"], batch_size=32)
     return [sys.executable, "-m", "tt_mimic", "train",
             *tiny_data.as_argv(values)]
 
@@ -376,7 +378,7 @@ class ResumeTest(tf.test.TestCase):
 
   def test_sigkill_then_resume(self):
     model_dir = os.path.join(self.root, "resume")
-    variant = os.path.join(model_dir, "variants", "two_tower")
+    variant = os.path.join(model_dir, "variants", "dat")
     state_path = os.path.join(variant, "early_stopping.json")
     command = self._command(model_dir)
     log = open(os.path.join(self.root, "first.log"), "w")
@@ -397,6 +399,7 @@ class ResumeTest(tf.test.TestCase):
           except ValueError:  # caught mid-write
             validated = []
           if validated:
+            time.sleep(0.3)  # into the next epoch's batches
             first.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -410,7 +413,7 @@ class ResumeTest(tf.test.TestCase):
     self.assertTrue(validated)
     self.assertLess(max(validated), self.EPOCHS)
     self.assertFalse(os.path.exists(os.path.join(variant, "result.json")))
-    train_dir = os.path.join(model_dir, "tensorboard", "two_tower", "train")
+    train_dir = os.path.join(model_dir, "tensorboard", "dat", "train")
     before = set(glob.glob(os.path.join(train_dir, "events.out.*")))
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -435,6 +438,29 @@ class ResumeTest(tf.test.TestCase):
     self.assertEqual(len(steps), len(set(steps)), info)
     self.assertEqual(steps[-1], self.EPOCHS - 1, info)
     self.assertGreaterEqual(min(steps), max(1, max(validated) - 1), info)
+
+    # The same command never killed: the same history, metrics and weights.
+    fresh_dir = os.path.join(self.root, "fresh")
+    third = subprocess.run(self._command(fresh_dir), cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    self.assertEqual(third.returncode, 0, third.stderr[-3000:])
+    fresh = os.path.join(fresh_dir, "variants", "dat")
+    resumed, never = (read_json(os.path.join(d, "result.json"))
+                      for d in (variant, fresh))
+    self.assertEqual(resumed["best_epoch"], never["best_epoch"])
+    for name, value in never["test"].items():
+      self.assertAllClose(resumed["test"][name], value, atol=5e-5, msg=name)
+    for a, b in zip(resumed["history"], never["history"]):
+      for name in ("loss", "val_recall@20", "val_ndcg@20"):
+        self.assertAllClose(a[name], b[name], atol=5e-5, msg=f"{name} {a}")
+    weights = [tf.train.load_checkpoint(os.path.join(d, "best", "weights"))
+               for d in (variant, fresh)]
+    names = [k for k in weights[0].get_variable_to_shape_map()
+             if "OPTIMIZER_SLOT" not in k and k.endswith("VARIABLE_VALUE")]
+    self.assertGreater(len(names), 5)
+    for key in names:
+      self.assertAllClose(weights[0].get_tensor(key),
+                          weights[1].get_tensor(key), atol=1e-6, msg=key)
 
 
 class CrashDuringValidationTest(tf.test.TestCase):

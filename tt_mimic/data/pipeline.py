@@ -88,9 +88,22 @@ def gather_other_history(item: tf.Tensor, position: tf.Tensor,
   return tf.where(valid, values, tf.zeros_like(values))
 
 
+def epoch_order(size: int, seed: int, epoch) -> tf.Tensor:
+  """[size] the positions of epoch `epoch` in training order.
+
+  A stateless permutation keyed by (seed, epoch): an epoch's order does not
+  depend on how many epochs this process ran before it, so a run resumed
+  at epoch e sees the batches an uninterrupted run sees there.
+  """
+  key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(size, dtype=tf.int64), seed=key)
+
+
 def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
                   history_length: int, batch_size: int,
-                  seed: int, history: str = "causal") -> tf.data.Dataset:
+                  seed: int, history: str = "causal", epochs: int = 1,
+                  first_epoch: int = 0) -> tf.data.Dataset:
   """Shuffled, batched, prefetched feature dicts of training events.
 
   Args:
@@ -98,10 +111,16 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
     user_id_index: [num_users + 1] user-id embedding index per user index.
     history_length: history positions per example.
     batch_size: examples per batch.
-    seed: shuffle seed (each epoch reshuffles deterministically).
+    seed: shuffle seed; epoch e's order is `epoch_order(n, seed, e)`.
     history: "causal" (the user's events strictly earlier than the example)
       or "other" (the user's latest training events but the example's own:
       for data whose order carries no signal, such as a random split).
+    epochs: one past the last epoch the dataset holds.
+    first_epoch: the first epoch it holds (a resumed run's).
+
+  Returns:
+    The batches of epochs first_epoch, ..., epochs - 1 in one stream
+    (`-(-len(seq) // batch_size)` batches per epoch, the last one partial).
   """
   if history not in ("causal", "other"):
     raise ValueError(f"history must be 'causal' or 'other', not {history!r}.")
@@ -109,6 +128,7 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
   user = tf.constant(user_id_index[seq.user])
   start, end = tf.constant(seq.start), tf.constant(seq.end)
   user_end = tf.constant(seq.user_end)
+  size = len(seq)
 
   def features(positions):
     if history == "causal":
@@ -121,9 +141,11 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
     return {"user_id": tf.gather(user, positions),
             "item": tf.gather(item, positions), "history": books}
 
-  ds = tf.data.Dataset.range(len(seq))
-  ds = ds.shuffle(len(seq), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.batch(batch_size)
+  def one_epoch(epoch):
+    return tf.data.Dataset.from_tensor_slices(
+        epoch_order(size, seed, epoch)).batch(batch_size)
+
+  ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
   ds = ds.map(features, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -87,7 +87,9 @@ class DATModel(tfrs.Model):
     return logs
 
   def _sample(self, count: int) -> tf.Tensor:
-    return tf.random.uniform([count], 1, self.num_items + 1, tf.int64)
+    # The user tower's generator: one random state, saved with the model.
+    return self.user_tower.rng.uniform([count], 1, self.num_items + 1,
+                                       tf.int64)
 
   def main_loss(self, p_u, p_v, items, training):
     if self.config.loss == "bce":

@@ -27,7 +27,10 @@ def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
   for units in config.hidden_units:
     layers.append(tf.keras.layers.Dense(units, activation="relu"))
     if config.dropout:
-      layers.append(tf.keras.layers.Dropout(config.dropout))
+      # A tf.random.Generator (force_generator) rather than a stateful op:
+      # its state is a variable, saved and restored with the checkpoint.
+      layers.append(tf.keras.layers.Dropout(config.dropout,
+                                            force_generator=True))
   layers.append(tf.keras.layers.Dense(config.output_dim))
   return tf.keras.Sequential(layers, name=name)
 
@@ -181,11 +184,16 @@ class UserTower(tf.keras.Model):
 
   def __init__(self, sizes: dict, config: TowerConfig, item_table: dict,
                metadata: ItemFeatureEmbedding,
-               item_id: tf.keras.layers.Embedding | None = None, **kwargs):
+               item_id: tf.keras.layers.Embedding | None = None,
+               rng: tf.random.Generator | None = None, **kwargs):
     """`item_id`: the item tower's id embedding, used for the history books
-    when `config.share_item_embedding` (else the tower has its own)."""
+    when `config.share_item_embedding` (else the tower has its own).
+    `rng`: the generator of the training-time dropouts of ids and histories
+    (a new one seeded 0 if None). Its state is a variable, so a checkpoint
+    holds it and a resumed run draws what an uninterrupted one would."""
     super().__init__(**kwargs)
     self.config = config
+    self.rng = rng if rng is not None else tf.random.Generator.from_seed(0)
     self.table = item_table
     self.user_id = (_embedding(
         sizes["users"] + 1,
@@ -212,11 +220,11 @@ class UserTower(tf.keras.Model):
     if self.config.id_only:
       return tf.math.l2_normalize(self.user_id(user), axis=-1), None
     if training and self.config.user_id_dropout > 0:
-      drop = tf.random.uniform(tf.shape(user)) < self.config.user_id_dropout
+      drop = self.rng.uniform(tf.shape(user)) < self.config.user_id_dropout
       user = tf.where(drop, tf.zeros_like(user), user)
     history = tf.cast(features["history"], tf.int64)
     if training and self.config.history_dropout > 0:
-      hide = (tf.random.uniform(tf.shape(history)[:1])
+      hide = (self.rng.uniform(tf.shape(history)[:1])
               < self.config.history_dropout)
       history = tf.where(hide[:, None], tf.zeros_like(history), history)
     valid = tf.cast(history != 0, tf.float32)

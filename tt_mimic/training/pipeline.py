@@ -264,8 +264,13 @@ def variant_configs(name: str, tower: TowerConfig,
 
 
 def build(prep: Prepared, tower_config: TowerConfig,
-          loss_config: LossConfig) -> Built:
-  """The towers and the DAT model for one variant."""
+          loss_config: LossConfig, seed: int = 0) -> Built:
+  """The towers and the DAT model for one variant.
+
+  `seed` seeds the generator of every training-time random draw (id and
+  history dropout, sampled negatives); its state is checkpointed with the
+  weights.
+  """
   sizes = prep.vocab.sizes()
   table = towers.make_item_table(prep.item_table)
   metadata = towers.ItemFeatureEmbedding(sizes, tower_config.embedding_dim,
@@ -273,7 +278,9 @@ def build(prep: Prepared, tower_config: TowerConfig,
   item_tower = towers.ItemTower(sizes, tower_config, metadata,
                                 name="item_tower")
   user_tower = towers.UserTower(sizes, tower_config, table, metadata,
-                                item_id=item_tower.item_id, name="user_tower")
+                                item_id=item_tower.item_id,
+                                rng=tf.random.Generator.from_seed(seed),
+                                name="user_tower")
   encoder = model_lib.ItemIndexEncoder(item_tower, table, name="item_encoder")
   model = model_lib.DATModel(user_tower, encoder, prep.item_probability,
                              loss_config)

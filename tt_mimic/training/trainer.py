@@ -193,7 +193,7 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
   tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
   tf.keras.utils.set_random_seed(config.seed)
   with strategy(config.distribute).scope():
-    built = pipeline.build(prep, tower_config, loss_config)
+    built = pipeline.build(prep, tower_config, loss_config, config.seed)
     steps = -(-len(prep.sequence) // config.batch_size)
     built.model.compile(optimizer=make_optimizer(config, steps))
     pipeline.create_variables(built, prep)
@@ -208,24 +208,34 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
     with open(result_path) as f:
       result = json.load(f)
   else:
+    backup_dir = os.path.join(directory, "backup")
+    first_epoch = resumed_epoch(backup_dir)
     dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                                      prep.feature_config.history_length,
                                      config.batch_size, config.seed,
-                                     prep.feature_config.train_history)
+                                     prep.feature_config.train_history,
+                                     epochs=config.epochs,
+                                     first_epoch=first_epoch)
     callbacks = [
         # Validation first: a backup must never get ahead of the validation
         # state, or a crash in between would lose that epoch's validation.
         *([] if refit_epochs else [validation]),
-        tf.keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
+        tf.keras.callbacks.BackupAndRestore(backup_dir),
         tf.keras.callbacks.TensorBoard(tensorboard_dir,
                                        update_freq="epoch", profile_batch=0),
     ]
-    logging.info("[%s] training: %d events, batch %d, up to %d epochs", name,
-                 len(prep.sequence), config.batch_size, config.epochs)
+    logging.info("[%s] training: %d events, batch %d, up to %d epochs%s", name,
+                 len(prep.sequence), config.batch_size, config.epochs,
+                 f" (resuming at epoch {first_epoch + 1})" if first_epoch
+                 else "")
     built.model.built = True  # lets BackupAndRestore restore the optimizer
     try:
-      built.model.fit(dataset, epochs=config.epochs, callbacks=callbacks,
-                      verbose=config.verbose)
+      # One stream over the remaining epochs, each in its (seed, epoch)
+      # order: BackupAndRestore restores the weights, the optimizer and the
+      # random generator's state at the start of `first_epoch`, so a
+      # resumed run computes what the uninterrupted one does.
+      built.model.fit(dataset, epochs=config.epochs, steps_per_epoch=steps,
+                      callbacks=callbacks, verbose=config.verbose)
     except tf.errors.InvalidArgumentError as e:
       if "non-finite" not in e.message:
         raise
@@ -252,6 +262,22 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
     with open(result_path, "w") as f:
       json.dump(result, f, indent=1)
   return built, result
+
+
+def resumed_epoch(backup_dir: str) -> int:
+  """The epoch (0-based) that `BackupAndRestore` resumes from `backup_dir`.
+
+  Its checkpoint records the last finished epoch (`ckpt_saved_epoch`);
+  training restarts at the next one. 0 without a checkpoint.
+  """
+  path = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+  if path is None:
+    return 0
+  reader = tf.train.load_checkpoint(path)
+  key = "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"
+  if not reader.has_tensor(key):
+    raise ValueError(f"{path} is not a BackupAndRestore checkpoint (no {key}).")
+  return int(reader.get_tensor(key)) + 1
 
 
 def _claim(directory: str, settings: dict) -> None:
