@@ -58,7 +58,8 @@ def main(argv):
   common.note_ignored()
   split, variant = _EVAL_SPLIT.value, _VARIANT.value
   try:
-    variant, metrics = evaluate_run(model_dir, split, variant)
+    with pipeline.run_lock(model_dir):
+      variant, metrics = evaluate_run(model_dir, split, variant)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
   path = os.path.join(model_dir, f"evaluate_{variant}_{split}.json")

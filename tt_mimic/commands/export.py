@@ -24,12 +24,17 @@ def main(argv):
   model_dir = common.MODEL_DIR.value
   common.note_ignored(keep=_EXPORT_FLAGS)
   try:
-    config, prep = pipeline.open_run(model_dir)
-    name = pipeline.exported_variant(model_dir)
-    prep = pipeline.view_for(prep, config.train, name)
-    built = pipeline.load_variant(model_dir, config, prep, name)
+    with pipeline.run_lock(model_dir):
+      _export(model_dir)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
+
+
+def _export(model_dir: str) -> None:
+  config, prep = pipeline.open_run(model_dir)
+  name = pipeline.exported_variant(model_dir)
+  prep = pipeline.view_for(prep, config.train, name)
+  built = pipeline.load_variant(model_dir, config, prep, name)
   given = common.run_config().export
   names = common.given(_EXPORT_FLAGS)
   overrides = {f.name: getattr(given, f.name)

@@ -6,6 +6,7 @@ from absl import app
 
 from tt_mimic.commands import common
 from tt_mimic.data import ingest
+from tt_mimic.training import pipeline
 
 
 def main(argv):
@@ -13,10 +14,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = common.run_config()
   try:
-    ingest.run_cached(config.ingest, common.MODEL_DIR.value,
-                      common.CACHE_DIR.value)
+    with pipeline.run_lock(common.MODEL_DIR.value):
+      ingest.run_cached(config.ingest, common.MODEL_DIR.value,
+                        common.CACHE_DIR.value)
   except ingest.IngestError as e:
     raise SystemExit(f"ingest failed: {e}") from None
+  except pipeline.RunError as e:
+    raise SystemExit(str(e)) from None
 
 
 def run(argv=None):

@@ -25,6 +25,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = common.run_config()
   model_dir = common.MODEL_DIR.value
+  try:
+    with pipeline.run_lock(model_dir):
+      _train(config, model_dir)
+  except pipeline.RunError as e:
+    raise SystemExit(str(e)) from None
+
+
+def _train(config, model_dir: str) -> None:
   common.write_flags(model_dir)
   try:
     prep = pipeline.start_run(config, model_dir, common.CACHE_DIR.value)

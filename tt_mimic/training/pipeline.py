@@ -16,10 +16,14 @@ so `open_run` rebuilds a finished run without the source CSVs, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import sys
+import time
 
 from absl import logging
 import numpy as np
@@ -49,6 +53,53 @@ REFIT_SUFFIX = "_refit"
 
 class RunError(FileNotFoundError):
   """A directory that is not a usable (finished) run, with the reason."""
+
+
+class RunDirBusyError(RunError):
+  """Another process holds the run directory."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(model_dir: str):
+  """Holds `model_dir` for this process: creates it, checks that it is
+  writable and takes an exclusive lock (`<model_dir>/.lock`, flock: the
+  kernel releases it when the process ends, also on kill -9).
+
+  Raises:
+    RunError: the directory cannot be created or written (before any work).
+    RunDirBusyError: another process holds it; the message names that
+      process (pid, command, start time).
+  """
+  path = os.path.join(model_dir, LOCK_FILE)
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    handle = open(path, "a+")
+  except OSError as e:
+    raise RunError(f"Cannot write the run directory {model_dir}: "
+                   f"{e.strerror or e}. Choose a writable --model_dir.") from None
+  with handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise RunDirBusyError(
+          f"{model_dir} is in use by {holder}; wait for it to end or use "
+          "another --model_dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} ({' '.join(sys.argv) or 'python'}, "
+                 f"started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    try:
+      yield
+    finally:
+      handle.seek(0)
+      handle.truncate()
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- prepare
