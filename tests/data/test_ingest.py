@@ -24,8 +24,17 @@ def _write(path, frame):
   return str(path)
 
 
+# Small test times are offsets from T0 (2020-09-13 in epoch ms): ingest
+# refuses a file whose timestamps look like seconds (below 1e11 ms).
+T0 = tiny_data.BASE_MS
+
+
 def _events_csv(path, rows, columns=("parent_asin", "userId", "timestamp")):
-  return _write(path, pd.DataFrame(rows, columns=list(columns)))
+  """Writes events; integer timestamps are written as T0 + the value."""
+  frame = pd.DataFrame(rows, columns=list(columns))
+  frame["timestamp"] = [T0 + t if isinstance(t, int) else t
+                        for t in frame["timestamp"]]
+  return _write(path, frame)
 
 
 def _books_csv(path, asins):
@@ -46,12 +55,12 @@ def _config(books_csv, users_csv, **overrides):
   return IngestConfig(str(books_csv), str(users_csv), **params)
 
 
-def _triples(result):
-  """The kept events as a set of (userId, parent_asin, timestamp)."""
+def _triples(result, t0=0):
+  """The kept events as a set of (userId, parent_asin, timestamp - t0)."""
   ev = result.events
   users = result.users[ev["user"].to_numpy() - 1]
   asins = result.items["parent_asin"].to_numpy()[ev["item"].to_numpy() - 1]
-  return set(zip(users, asins, ev["timestamp"].tolist()))
+  return set(zip(users, asins, (ev["timestamp"] - t0).tolist()))
 
 
 def _stable_report(report):
@@ -165,7 +174,7 @@ def test_dedupe_keeps_earliest_and_unknown_books_are_counted(tmp_path):
       ("C", "u2", 50), ("ZZZ", "u2", 60), ("ZZZ", "u3", 70),
       ("ZZZ", "u3", 70)])
   result = ingest.run(_config(books, users))
-  assert _triples(result) == {("u1", "A", 100), ("u1", "B", 150),
+  assert _triples(result, T0) == {("u1", "A", 100), ("u1", "B", 150),
                               ("u2", "C", 50)}
   dropped = result.report["events"]["dropped"]
   assert dropped["duplicate_event"] == 4  # A x2, B x1, ZZZ/u3 x1
@@ -180,11 +189,11 @@ def test_dedupe_keeps_earliest_and_unknown_books_are_counted(tmp_path):
 def test_invalid_event_fields_are_dropped_by_first_reason(tmp_path):
   books = _books_csv(tmp_path / "books.csv", ["A", "B"])
   users = _events_csv(tmp_path / "users.csv", [
-      ("A", "u1", "100"), (" B ", " u1 ", " 200 "), ("A", "", "5"),
-      ("", "u2", "5"), ("", "", ""), ("A", "u3", "yesterday"),
+      ("A", "u1", 100), (" B ", " u1 ", f" {T0 + 200} "), ("A", "", 5),
+      ("", "u2", 5), ("", "", ""), ("A", "u3", "yesterday"),
       ("A", "u4", "-5"), ("A", "u5", "")])
   result = ingest.run(_config(books, users))
-  assert _triples(result) == {("u1", "A", 100), ("u1", "B", 200)}
+  assert _triples(result, T0) == {("u1", "A", 100), ("u1", "B", 200)}
   dropped = result.report["events"]["dropped"]
   assert dropped["missing_user_id"] == 2
   assert dropped["missing_parent_asin"] == 1
@@ -218,7 +227,7 @@ def test_interactions_limit_keeps_first_valid_events_in_file_order(tmp_path):
       ("A", "u1", 40), ("A", "u1", 50), ("ZZZ", "u1", 1), ("B", "u2", 30),
       ("", "u2", 1), ("C", "u3", 20), ("D", "u4", 10), ("D", "u1", 5)])
   result = ingest.run(_config(books, users, interactions_limit=3))
-  assert _triples(result) == {("u1", "A", 40), ("u2", "B", 30),
+  assert _triples(result, T0) == {("u1", "A", 40), ("u2", "B", 30),
                               ("u3", "C", 20)}
   dropped = result.report["events"]["dropped"]
   assert dropped["over_interactions_limit"] == 2
@@ -244,7 +253,7 @@ def test_kcore_needs_several_rounds(tmp_path):
       ("Q", "c2", 9)])
   result = ingest.run(_config(books, users, min_user_interactions=2,
                               min_item_interactions=2))
-  assert _triples(result) == {("c1", "P", 6), ("c1", "Q", 7),
+  assert _triples(result, T0) == {("c1", "P", 6), ("c1", "Q", 7),
                               ("c2", "P", 8), ("c2", "Q", 9)}
   assert result.report["kcore_rounds"] >= 3
   dropped = result.report["events"]["dropped"]
@@ -675,8 +684,8 @@ def test_rows_with_surplus_trailing_fields_are_read_and_counted(tmp_path):
   # pyarrow rejects the ragged row; the python-engine fallback keeps it.
   books = _books_csv(tmp_path / "books.csv", ["A", "B"])
   users = tmp_path / "users.csv"
-  users.write_text("parent_asin,userId,timestamp\nA,u1,100\nB,u1,200\n"
-                   "B,u2,300,surplus\n")
+  users.write_text(f"parent_asin,userId,timestamp\nA,u1,{T0}\nB,u1,{T0}\n"
+                   f"B,u2,{T0},surplus\n")
   result = ingest.run(_config(books, str(users)))
   assert result.report["events"]["read"] == 3
   assert len(result.events) + sum(
@@ -690,7 +699,7 @@ def test_rows_with_surplus_trailing_fields_are_read_and_counted(tmp_path):
 def test_out_of_range_timestamps_are_invalid(tmp_path):
   books = _books_csv(tmp_path / "books.csv", ["A", "B", "C"])
   users = _events_csv(tmp_path / "users.csv", [
-      ("A", "u1", "100"), ("B", "u1", "inf"), ("C", "u1", "1e30")])
+      ("A", "u1", 100), ("B", "u1", "inf"), ("C", "u1", "1e30")])
   result = ingest.run(_config(books, users))
   assert result.report["events"]["dropped"]["invalid_timestamp"] == 2
   assert (result.events["timestamp"] >= 0).all()
@@ -699,12 +708,12 @@ def test_out_of_range_timestamps_are_invalid(tmp_path):
 def test_short_rows_are_counted_not_crashing(tmp_path):
   books = _books_csv(tmp_path / "books.csv", ["A", "B"])
   users = tmp_path / "users.csv"
-  users.write_text("parent_asin,timestamp,userId\nA,100,u1\nB,200,u1\n"
-                   "B,300\n")
+  users.write_text(f"parent_asin,timestamp,userId\nA,{T0 + 100},u1\n"
+                   f"B,{T0 + 200},u1\nB,{T0 + 300}\n")
   result = ingest.run(_config(books, str(users)))
   assert result.report["events"]["read"] == 3
-  assert result.report["events"]["dropped"]["missing_user_id"] == 1
-  assert _triples(result) == {("u1", "A", 100), ("u1", "B", 200)}
+  assert result.report["events"]["dropped"]["malformed_row"] == 1
+  assert _triples(result, T0) == {("u1", "A", 100), ("u1", "B", 200)}
 
 
 def test_padded_header_names_are_accepted(tiny_dataset, tmp_path):

@@ -14,7 +14,7 @@ from tt_mimic.data import parsing
 
 
 def _lists(*cells):
-  return parsing.parse_json_list(pd.Series(list(cells), dtype=object))
+  return parsing.parse_json_list(pd.Series(list(cells), dtype=object))[0]
 
 
 @pytest.mark.parametrize("cell, expected", [
@@ -52,7 +52,28 @@ def test_parse_json_list_cases(cell, expected):
 
 def test_parse_json_list_handles_non_string_cells():
   out = parsing.parse_json_list(pd.Series([None, np.nan, 3], dtype=object))
-  assert out == [[], [], ["3"]]
+  assert out == ([[], [], ["3"]], 0)
+
+
+MALFORMED = ['["a", "b"', '["broken "inner" quote", "b"]', "[unquoted, words]",
+             '{"a": 1}', "{not json", "[" * 100_000, '["a"] trailing']
+WELL_FORMED = ['["Books", "x"]', "['a', 'b']", '["a", "b",]', "[]", "",
+               "None", "plain, title", '"a json string"', '"Quoted" title',
+               "[1, 2]"]
+
+
+def test_parse_json_list_counts_malformed_cells():
+  # Malformed cells are kept as the cases above show, and counted.
+  for cell in MALFORMED:
+    assert parsing.parse_json_list(pd.Series([cell]))[1] == 1, cell
+  for cell in WELL_FORMED:
+    assert parsing.parse_json_list(pd.Series([cell]))[1] == 0, cell
+  lists, malformed = parsing.parse_json_list(
+      pd.Series(MALFORMED + WELL_FORMED))
+  assert malformed == len(MALFORMED) and len(lists) == len(MALFORMED) + len(
+      WELL_FORMED)
+  titles, malformed = parsing.parse_title(pd.Series(MALFORMED + WELL_FORMED))
+  assert malformed == len(MALFORMED) and len(titles) == len(lists)
 
 
 @pytest.mark.parametrize("cell, expected", [
@@ -65,7 +86,7 @@ def test_parse_json_list_handles_non_string_cells():
     ('["unterminated', '["unterminated'),
 ])
 def test_parse_title_cases(cell, expected):
-  out = parsing.parse_title(pd.Series([cell], dtype=object))
+  out, _ = parsing.parse_title(pd.Series([cell], dtype=object))
   assert out.dtype == object
   assert out.tolist() == [expected]
 
@@ -123,8 +144,8 @@ def test_ingest_parses_messy_fields_and_counts_invalid_values(tmp_path):
   _write_books(tmp_path / "books.csv", rows)
   pd.DataFrame({"parent_asin": ["A1", "A2", "A3", "A4", "A5"],
                 "userId": ["u"] * 5,
-                "timestamp": [1, 2, 3, 4, 5]}).to_csv(
-                    tmp_path / "users.csv", index=False)
+                "timestamp": [1_600_000_000_000 + i for i in range(5)],
+                }).to_csv(tmp_path / "users.csv", index=False)
   result = ingest.run(IngestConfig(
       str(tmp_path / "books.csv"), str(tmp_path / "users.csv"),
       min_user_interactions=1, min_item_interactions=1))
@@ -154,3 +175,6 @@ def test_ingest_parses_messy_fields_and_counts_invalid_values(tmp_path):
   assert invalid["price"] == {
       "missing": 1, "non_numeric": 0, "negative": 1, "non_finite": 1}
   assert "price=" in ingest.summary(result.report)
+  # '["broken' is the one malformed list cell: kept as text, and counted
+  assert result.report["repaired"]["books"] == {
+      "malformed_list_title": 1, "malformed_list_categories": 0}

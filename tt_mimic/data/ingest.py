@@ -2,10 +2,24 @@
 
 The stage order is fixed and every row that leaves is counted by reason:
 
-  books:  read -> missing parent_asin -> duplicate parent_asin -> books_limit
-  events: read -> missing/invalid fields -> duplicate (user, book) pair
+  books:  read (malformed_row, field_too_large, invalid_utf8: see `reader`)
+          -> missing parent_asin -> duplicate parent_asin -> books_limit
+  events: read (as books) -> missing/invalid fields -> timestamps before
+          MIN_TIMESTAMP_MS or in the future -> duplicate (user, book) pair
           -> book unknown to books.csv -> interactions_limit -> k-core
           -> split (leave-last-out or temporal cut-off)
+
+Rows kept after a repair are counted in the report's `repaired`: books
+cells with undecodable bytes (outside parent_asin) decoded with U+FFFD,
+and malformed title/categories list cells read leniently (see `parsing`).
+
+Timestamps are epoch milliseconds. A users file whose timestamps mostly
+(at least half of the numeric ones) lie below MIN_TIMESTAMP_MS (1e11 ms,
+1973-03-03) is in seconds or another unit: it is refused with an
+IngestError rather than converted, since a guessed unit would silently
+shift every event and `split_cutoff_ms`. In a file in milliseconds, the
+few rows below that bound, and rows more than a day after the ingest's
+clock, are dropped and counted.
 
 Run alone with `tt-mimic ingest --flagfile=flags/sample.cfg`.
 Everything here is pandas/NumPy; TensorFlow is not imported.
@@ -26,17 +40,18 @@ import pandas as pd
 
 from tt_mimic.config import IngestConfig
 from tt_mimic.data import parsing
+from tt_mimic.data import reader
 
 BOOK_COLUMNS = ("parent_asin", "title", "author", "average_rating",
                 "rating_number", "price", "categories")
 EVENT_COLUMNS = ("parent_asin", "userId", "timestamp")
 NUMERIC_COLUMNS = ("average_rating", "rating_number", "price")
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
-ARTIFACT_VERSION = "1"
+ARTIFACT_VERSION = "2"
+MIN_TIMESTAMP_MS = 100_000_000_000  # 1973-03-03; below: likely seconds
+FUTURE_SLACK_MS = 86_400_000  # a day of clock and time-zone skew
 
-
-class IngestError(ValueError):
-  """Input that cannot be turned into a training set, with the reason."""
+IngestError = reader.IngestError
 
 
 @dataclasses.dataclass
@@ -67,11 +82,17 @@ class Report:
   def __init__(self):
     self.data = {"books": {"read": 0, "dropped": {}, "kept": 0},
                  "events": {"read": 0, "dropped": {}, "kept": 0},
+                 "repaired": {"books": {}, "events": {}},
                  "invalid_values": {}, "stages": [], "splits": {}}
 
   def drop(self, table: str, reason: str, count: int) -> None:
     dropped = self.data[table]["dropped"]
     dropped[reason] = dropped.get(reason, 0) + int(count)
+
+  def repair(self, table: str, reason: str, count: int) -> None:
+    """Counts rows kept after a repair (not part of read = kept + dropped)."""
+    repaired = self.data["repaired"][table]
+    repaired[reason] = repaired.get(reason, 0) + int(count)
 
   def stage(self, name: str, events: pd.DataFrame) -> None:
     self.data["stages"].append({
@@ -85,44 +106,25 @@ class Report:
           f"{json.dumps(self.data['events']['dropped'])}.")
 
 
-def _read_csv(path: str, required: tuple[str, ...], what: str) -> pd.DataFrame:
-  """Reads the required columns of a CSV (any order, extras ignored) as text."""
-  if not os.path.exists(path):
-    raise IngestError(f"{what} file not found: {path}")
-  try:
-    header = pd.read_csv(path, nrows=0, engine="python")
-  except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
-    raise IngestError(f"Cannot read {what} file {path}: {e}") from e
-  except pd.errors.EmptyDataError as e:
-    raise IngestError(f"{what} file {path} is empty (no header row).") from e
-  raw = {str(c).strip(): c for c in header.columns}
-  found = list(raw)
-  missing = [c for c in required if c not in found]
-  if missing:
-    raise IngestError(
-        f"{what} file {path} is missing required column(s) {missing}; "
-        f"columns found: {found}")
-  usecols = [raw[c] for c in required]
-  malformed = []
-  try:
-    frame = pd.read_csv(path, usecols=usecols, dtype=str,
-                        keep_default_na=False, engine="pyarrow")
-  except Exception:  # pyarrow rejects some malformed rows; retry leniently.
-    logging.warning("pyarrow could not parse %s; falling back to the "
-                    "python CSV parser (malformed rows are counted).", path)
-    frame = pd.read_csv(path, usecols=usecols, dtype=str,
-                        keep_default_na=False, engine="python",
-                        on_bad_lines=lambda line: malformed.append(line))
-  frame = frame.rename(columns=lambda c: str(c).strip())
-  return frame[list(required)].fillna(""), len(malformed)
+def _read(path: str, columns: tuple[str, ...], what: str, table: str,
+          keys: tuple[str, ...], report: Report) -> pd.DataFrame:
+  """reader.read_csv, with its rows read, dropped and repaired counted."""
+  result = reader.read_csv(path, columns, what, keys)
+  report.data[table]["read"] = len(result.frame) + sum(
+      result.dropped.values())
+  for reason, count in result.dropped.items():
+    if count:
+      report.drop(table, reason, count)
+  for reason, count in result.repaired.items():
+    if count:
+      report.repair(table, reason, count)
+  return result.frame
 
 
 def read_books(config: IngestConfig, report: Report) -> pd.DataFrame:
   """Reads, validates and parses books.csv; drops are counted in `report`."""
-  books, malformed = _read_csv(config.books_csv, BOOK_COLUMNS, "books")
-  report.data["books"]["read"] = len(books) + malformed
-  if malformed:
-    report.drop("books", "malformed_row", malformed)
+  books = _read(config.books_csv, BOOK_COLUMNS, "books", "books",
+                ("parent_asin",), report)
   asin = books["parent_asin"].str.strip()
   empty = asin == ""
   report.drop("books", "missing_parent_asin", empty.sum())
@@ -134,9 +136,11 @@ def read_books(config: IngestConfig, report: Report) -> pd.DataFrame:
     report.drop("books", "over_books_limit", len(books) - config.books_limit)
     books = books.iloc[:config.books_limit]
   out = pd.DataFrame({"parent_asin": books["parent_asin"].to_numpy()})
-  out["title"] = parsing.parse_title(books["title"])
+  out["title"], malformed = parsing.parse_title(books["title"])
+  report.repair("books", "malformed_list_title", malformed)
   out["author"] = parsing.clean_author(books["author"])
-  out["categories"] = parsing.parse_json_list(books["categories"])
+  out["categories"], malformed = parsing.parse_json_list(books["categories"])
+  report.repair("books", "malformed_list_categories", malformed)
   for column in NUMERIC_COLUMNS:
     values, invalid = parsing.parse_nonnegative(books[column])
     out[column] = values
@@ -153,19 +157,23 @@ def _categorical(values: pd.Series) -> pd.Categorical:
 def read_events(config: IngestConfig, known_books: pd.Index,
                 report: Report) -> pd.DataFrame:
   """Reads users.csv, counts and drops bad, duplicate and unknown events."""
-  events, malformed = _read_csv(config.users_csv, EVENT_COLUMNS, "users")
-  report.data["events"]["read"] = len(events) + malformed
-  if malformed:
-    report.drop("events", "malformed_row", malformed)
+  events = _read(config.users_csv, EVENT_COLUMNS, "users", "events",
+                 EVENT_COLUMNS, report)
   events = events.assign(parent_asin=events["parent_asin"].str.strip(),
                          userId=events["userId"].str.strip())
   ts = pd.to_numeric(events["timestamp"].str.strip(), errors="coerce")
+  ts = ts.to_numpy(dtype=np.float64, na_value=np.nan)
+  invalid = np.isnan(ts) | ~((ts >= 0) & (ts < 2.0**63))
+  _check_milliseconds(ts[~invalid], config.users_csv)
+  now_ms = time.time() * 1000 + FUTURE_SLACK_MS
   bad = np.zeros(len(events), dtype=bool)
-  for reason, mask in (("missing_user_id", events["userId"] == ""),
-                       ("missing_parent_asin", events["parent_asin"] == ""),
-                       ("invalid_timestamp",
-                        ts.isna() | ~((ts >= 0) & (ts < 2.0**63)))):
-    mask = mask.to_numpy() & ~bad  # each row counts under its first reason
+  for reason, mask in (
+      ("missing_user_id", (events["userId"] == "").to_numpy()),
+      ("missing_parent_asin", (events["parent_asin"] == "").to_numpy()),
+      ("invalid_timestamp", invalid),
+      ("timestamp_before_1973", ~invalid & (ts < MIN_TIMESTAMP_MS)),
+      ("timestamp_in_future", ~invalid & (ts > now_ms))):
+    mask = mask & ~bad  # each row counts under its first reason
     report.drop("events", reason, mask.sum())
     bad |= mask
   events, ts = events[~bad], ts[~bad]
@@ -173,7 +181,7 @@ def read_events(config: IngestConfig, known_books: pd.Index,
   # distinct string, which keeps dedupe, joins and k-core integer work.
   events = pd.DataFrame({"userId": _categorical(events["userId"]),
                          "parent_asin": _categorical(events["parent_asin"]),
-                         "timestamp": ts.to_numpy().astype(np.int64)})
+                         "timestamp": ts.astype(np.int64)})
   report.stage("valid", events)
   # One interaction per (user, book): the earliest; ties by file order.
   order = np.lexsort((np.arange(len(events)), events["timestamp"].to_numpy()))
@@ -192,6 +200,17 @@ def read_events(config: IngestConfig, known_books: pd.Index,
     events = events.iloc[:config.interactions_limit]
     report.stage("interactions_limit", events)
   return events.reset_index(drop=True)
+
+
+def _check_milliseconds(ts: np.ndarray, path: str) -> None:
+  """Refuses timestamps that are mostly below MIN_TIMESTAMP_MS (seconds?)."""
+  early = int((ts < MIN_TIMESTAMP_MS).sum())
+  if len(ts) and early * 2 >= len(ts):
+    raise IngestError(
+        f"users file {path}: {early} of {len(ts)} timestamps are below "
+        f"{MIN_TIMESTAMP_MS} (1973-03-03 in epoch ms; median "
+        f"{int(np.median(ts))}). The timestamp column must be epoch "
+        "milliseconds; if it is in seconds, multiply it by 1000.")
 
 
 def kcore(events: pd.DataFrame, min_user: int, min_item: int,
@@ -329,6 +348,10 @@ def summary(report: dict) -> str:
   for stage in report["stages"]:
     lines.append(f"  after {stage['stage']:<18} events={stage['events']} "
                  f"users={stage['users']} items={stage['items']}")
+  for table, part in report.get("repaired", {}).items():
+    fixes = ", ".join(f"{k}={v}" for k, v in part.items() if v)
+    if fixes:
+      lines.append(f"{table}: kept after repair ({fixes})")
   invalid = ", ".join(f"{k}={v}" for k, v in report["invalid_values"].items())
   lines.append(f"numeric values set missing: {invalid}")
   splits = ", ".join(f"{k}: {v['events']} events/{v['users']} users"

@@ -4,6 +4,12 @@ Real dumps hold JSON lists (`["Books", "Literature & Fiction"]`), Python
 list reprs (`['a', 'b']`), plain strings, empty cells, `None`/`null` and
 broken quoting. Each parser maps a pandas Series of raw strings to clean
 values and never raises on a bad cell.
+
+A list cell is malformed when it starts with "[" or "{" but is neither a
+JSON value nor a Python literal, or when it holds a JSON object: it is
+kept as well as it can be read (a broken list split on its quote-comma-
+quote seams, other text as one element, an object as []) and counted, so
+ingest can report it as repaired.
 """
 
 from __future__ import annotations
@@ -18,20 +24,22 @@ _NULLS = frozenset({"", "none", "null", "nan", "na", "n/a", "[]", "unknown",
                     "unknown author", "[unknown]"})
 
 
-def _as_list(raw: str) -> list[str]:
-  """One cell -> list of non-empty strings."""
+def _as_list(raw: str) -> tuple[list[str], bool]:
+  """One cell -> (list of non-empty strings, whether it was malformed)."""
   text = raw.strip()
   if text.lower() in _NULLS:
-    return []
-  value = None
+    return [], False
+  value, malformed = None, False
   if text[:1] in "[\"{":
     try:
       value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
       try:
         value = ast.literal_eval(text) if text[:1] == "[" else None
-      except (ValueError, SyntaxError, MemoryError, RecursionError):
+      except (ValueError, TypeError, SyntaxError, MemoryError,
+              RecursionError):
         value = None
+      malformed = value is None and text[:1] != "\""
       if value is None and text[:1] == "[" and text[-1:] == "]":
         # Broken JSON list: split the inside on the quote-comma-quote seams.
         inner = text[1:-1].strip().strip("\"'")
@@ -41,6 +49,7 @@ def _as_list(raw: str) -> list[str]:
   if isinstance(value, str):
     value = [value]
   if not isinstance(value, list):
+    malformed = malformed or isinstance(value, (dict, set, tuple))
     value = [value] if isinstance(value, (int, float)) else []
   out = []
   for v in value:
@@ -48,18 +57,29 @@ def _as_list(raw: str) -> list[str]:
       out.extend(str(x).strip() for x in v)
     elif v is not None:
       out.append(str(v).strip())
-  return [v for v in out if v and v.lower() not in _NULLS]
+  return [v for v in out if v and v.lower() not in _NULLS], malformed
 
 
-def parse_json_list(raw: pd.Series) -> list[list[str]]:
-  """Parses a column of list-like cells; bad cells become [] or [text]."""
-  return [_as_list(str(x)) for x in raw.to_numpy()]
+def parse_json_list(raw: pd.Series) -> tuple[list[list[str]], int]:
+  """Parses a column of list-like cells; bad cells become [] or [text].
+
+  Returns:
+    (lists, malformed): one list of strings per cell, and how many cells
+    were malformed (see the module docstring).
+  """
+  parsed = [_as_list(str(x)) for x in raw.to_numpy()]
+  return [p[0] for p in parsed], sum(p[1] for p in parsed)
 
 
-def parse_title(raw: pd.Series) -> np.ndarray:
-  """Title cells (JSON lists of strings) -> one string each ('' if none)."""
-  return np.array([" ".join(_as_list(str(x))) for x in raw.to_numpy()],
-                  dtype=object)
+def parse_title(raw: pd.Series) -> tuple[np.ndarray, int]:
+  """Title cells (JSON lists of strings) -> one string each ('' if none).
+
+  Returns:
+    (titles, malformed): an object array of strings, and how many cells
+    were malformed lists.
+  """
+  lists, malformed = parse_json_list(raw)
+  return np.array([" ".join(x) for x in lists], dtype=object), malformed
 
 
 def _author(raw: str) -> str:
