@@ -5,7 +5,9 @@ lambda_u * loss_u + lambda_v * loss_v + lambda_ca * loss_CA (DAT eq. 7).
 Every term is a per-example mean, so the weights mean the same whatever
 the batch size. The Retrieval task sums its cross-entropy (the reduction
 that works under tf.distribute) and the sum is divided by the batch size
-here.
+here. Under tf.distribute the in-batch softmax and CAL see the whole global
+batch, so R replicas compute the loss and gradients of one replica on the
+same global batch (see `DATModel.compute_loss`).
 """
 
 from __future__ import annotations
@@ -91,11 +93,28 @@ class DATModel(tfrs.Model):
     return self.user_tower.rng.uniform([count], 1, self.num_items + 1,
                                        tf.int64)
 
-  def main_loss(self, p_u, p_v, items, training):
+  def main_loss(self, p_u, p_v, items, training, batch=None):
+    """This replica's share of the main loss's mean over the global batch.
+
+    Args:
+      p_u: [b, d] this replica's query embeddings.
+      p_v: [n, d] candidate embeddings: the global batch's items, this
+        replica's b positives first and in its queries' order (TFRS's
+        Retrieval takes query i's positive to be candidate i).
+      items: [n] their corpus indices.
+      training: passed to the item tower for sampled negatives.
+      batch: the global batch size (default n: one replica).
+
+    Returns:
+      The sum of this replica's per-query losses divided by `batch`; the sum
+      over replicas is the mean over the global batch.
+    """
+    ids = tf.cast(items, tf.int64)
+    batch = (tf.cast(tf.shape(ids)[0], tf.float32) if batch is None
+             else tf.cast(batch, tf.float32))
     if self.config.loss == "bce":
-      return self._bce(p_u, p_v, training)
-    candidates, ids = p_v, tf.cast(items, tf.int64)
-    batch = tf.cast(tf.shape(ids)[0], tf.float32)
+      return self._bce(p_u, p_v[:tf.shape(p_u)[0]], training) / batch
+    candidates = p_v
     extra = min(self.config.uniform_negatives, self.num_items)
     if extra:
       # At or above the corpus size, the whole corpus once beats sampling
@@ -130,29 +149,75 @@ class DATModel(tfrs.Model):
     neg = tf.einsum("bd,bsd->bs", p_u, n_v)
     logits = tf.concat([pos, neg], 1) / self.config.temperature
     labels = tf.concat([tf.ones_like(pos), tf.zeros_like(neg)], 1)
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=labels, logits=logits))
+    # The sum over queries of each query's mean over its 1 + s logits.
+    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=labels, logits=logits)) / (1 + s)
 
   def compute_loss(self, inputs, training=False):
+    """This replica's share of the loss of the global batch (see
+    `loss_terms`): main + lambda_u loss_u + lambda_v loss_v + lambda_ca
+    loss_ca."""
+    terms = self.loss_terms(inputs, training)
+    cfg = self.config
+    total = (terms["loss_main"] + cfg.lambda_u * terms["loss_u"]
+             + cfg.lambda_v * terms["loss_v"] + cfg.lambda_ca * terms["loss_ca"])
+    # The trackers average over replicas: R x a share is the global value.
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    for name, value in [*terms.items(), ("loss", total)]:
+      self.trackers[name].update_state(value * replicas)
+    return total
+
+  def loss_terms(self, inputs, training=False) -> dict:
+    """This replica's share of each loss term of the global batch.
+
+    Under tf.distribute each replica holds part of the global batch, and
+    the optimizer sums the replicas' gradients. So that R replicas compute
+    what one replica computes on the whole batch, the in-batch softmax and
+    CAL see the global batch's items (gathered across replicas, with
+    gradients flowing back to each replica's own items), and every term is
+    this replica's share: main and mimic terms are sums over its examples
+    divided by the global batch size; CAL, the same value on every replica,
+    is divided by R. (Sampled uniform negatives are drawn per replica: equal
+    in distribution, not in value.)
+    """
     p_u, a_u = self.user_tower(inputs, training=training)
     p_v, a_v, category = self.item_encoder(inputs["item"], training=training)
-    terms = {"loss_main": self.main_loss(p_u, p_v, inputs["item"], training)}
+    items = tf.cast(inputs["item"], tf.int64)
+    all_v, all_items, all_category, batch, replicas = _global_batch(
+        p_v, items, category)
+    share = tf.cast(tf.shape(items)[0], tf.float32) / batch
+    terms = {"loss_main": self.main_loss(p_u, all_v, all_items, training,
+                                         batch)}
     cfg = self.config
     zero = tf.zeros([], tf.float32)
     # AMM is on exactly when the towers have a_u and a_v (TowerConfig.use_amm).
     amm = a_u is not None and a_v is not None
-    terms["loss_u"] = losses.mimic_loss(a_u, p_v) if amm else zero
-    terms["loss_v"] = losses.mimic_loss(a_v, p_u) if amm else zero
-    terms["loss_ca"] = (losses.category_alignment_loss(p_v, category)
-                        if cfg.use_cal else zero)
-    for name, value in terms.items():
-      value = tf.debugging.check_numerics(
-          value, f"non-finite {name} (DATModel.compute_loss)")
-      self.trackers[name].update_state(value)
-      terms[name] = value
-    total = (terms["loss_main"] + cfg.lambda_u * terms["loss_u"]
-             + cfg.lambda_v * terms["loss_v"] + cfg.lambda_ca * terms["loss_ca"])
-    self.trackers["loss"].update_state(total)
-    # Every term is a per-replica mean; gradients are summed over replicas
-    # under tf.distribute, so scale to the mean over the global batch.
-    return total / tf.distribute.get_strategy().num_replicas_in_sync
+    terms["loss_u"] = share * losses.mimic_loss(a_u, p_v) if amm else zero
+    terms["loss_v"] = share * losses.mimic_loss(a_v, p_u) if amm else zero
+    terms["loss_ca"] = (losses.category_alignment_loss(all_v, all_category)
+                        / replicas if cfg.use_cal else zero)
+    return {name: tf.debugging.check_numerics(
+        value, f"non-finite {name} (DATModel.compute_loss)")
+            for name, value in terms.items()}
+
+
+def _global_batch(p_v, items, category):
+  """The global batch's items as seen from this replica.
+
+  Returns:
+    (p_v, items, category) of every replica's examples, this replica's
+    first (rotated, so its positives keep their positions), the global
+    batch size (float) and the number of replicas (float). Outside
+    tf.distribute, or with one replica, the inputs themselves.
+  """
+  local = tf.shape(items)[0]
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return p_v, items, category, tf.cast(local, tf.float32), 1.0
+  sizes = context.all_gather(local[None], axis=0)
+  offset = tf.reduce_sum(sizes[:context.replica_id_in_sync_group])
+  # One gather per tensor: a batched gather needs one dtype.
+  gathered = [tf.roll(context.all_gather(t, axis=0), -offset, axis=0)
+              for t in (p_v, items, tf.cast(category, tf.int64))]
+  return (*gathered, tf.cast(tf.reduce_sum(sizes), tf.float32),
+          float(context.num_replicas_in_sync))
