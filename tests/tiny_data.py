@@ -30,13 +30,18 @@ the data they were written for.
 
 Also here: `ingested` and `prepared` (ingest, then pipeline.prepare, on a
 fresh dataset), the flags of a tiny `tt-mimic train` run (`train_flags`,
-`as_argv`, `SERVING_FLAGS`) and `write_new_books`, the catalog's input.
-Nothing here reads data/ or ../shared.
+`as_argv`, `SERVING_FLAGS`), `write_new_books`, the catalog's input, and
+`write_rows`, which writes rows of text or raw bytes as a CSV (for the
+bad-input tests: undecodable bytes, huge fields, ragged rows, truncated
+gzip). Nothing here reads data/ or ../shared.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import gzip
+import io
 import json
 import os
 
@@ -348,3 +353,35 @@ def write_new_books(directory) -> tuple[str, list[str]]:
   path = os.path.join(str(directory), "new_books.csv")
   pd.DataFrame(rows).to_csv(path, index=False)
   return path, new
+
+
+# ------------------------------------------------------ raw CSV for bad input
+
+
+def write_rows(path, header, rows, compress: bool = False,
+               truncate: int = 0) -> str:
+  """Writes a CSV whose cells may be raw bytes, quoted as the csv module does.
+
+  Args:
+    path: the file to write.
+    header: the column names.
+    rows: lists of cells, each a str or bytes (written as is, so invalid
+      UTF-8 survives); rows may have any number of cells.
+    compress: gzip the file.
+    truncate: drop this many bytes from the end of the (compressed) file.
+
+  Returns:
+    The path, as a str.
+  """
+  text = io.StringIO()
+  writer = csv.writer(text)  # "\r\n" ends rows; cells with \r or \n are quoted
+  writer.writerow(header)
+  for row in rows:
+    writer.writerow([c.decode("utf-8", "surrogateescape")
+                     if isinstance(c, bytes) else c for c in row])
+  data = text.getvalue().encode("utf-8", "surrogateescape")
+  if compress:
+    data = gzip.compress(data, mtime=0)
+  with open(path, "wb") as f:
+    f.write(data[:len(data) - truncate])
+  return str(path)
