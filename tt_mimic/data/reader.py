@@ -12,14 +12,20 @@ it dropped and the rows it kept after repairing a cell:
                     (repaired) in any other column, which is decoded with
                     U+FFFD for the bad bytes.
 
-So `rows read = len(frame) + sum(dropped)` always holds. The file is gzip
-when it starts with the gzip magic bytes (whatever its name). A header
-with a repeated column name, a missing required column, an empty file and
-a truncated or corrupt gzip stream are an `IngestError` naming the file.
+So `rows read = len(frame) + sum(dropped)` always holds (blank lines are
+not rows). The file is gzip when it starts with the gzip magic bytes,
+whatever its name. A header with a repeated column name (after stripping
+spaces; empty names may repeat), a missing required column, an empty file
+and a truncated or corrupt gzip stream are an `IngestError` naming the
+file, in one line.
 
-The fast path is pyarrow's multi-threaded CSV reader. A file it cannot
-parse (a row longer than a block, e.g. after an unterminated quote) is
-read again by Python's csv module, streaming, with the same counts.
+The fast path is pyarrow's multi-threaded CSV reader, as before: it holds
+the required columns of the whole file, nothing else. A file it cannot
+parse (a row longer than its 8 MiB block, e.g. after an unterminated
+quote) is read again by Python's csv module, streaming, into Arrow chunks
+of 256K rows, with the same counts; a field there may be up to 64 MiB
+(beyond, its row is field_too_large), which bounds the memory of a
+runaway quote.
 """
 
 from __future__ import annotations
