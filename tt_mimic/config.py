@@ -244,7 +244,21 @@ class ServeConfig(_Checked):
   max_batch: int = setting(256, "Most users in one request.", lower=1)
   max_history: int = setting(1000, "Most history entries per user.", lower=0)
   request_timeout: float = setting(30.0, "Seconds a client may take to send "
-                                   "its request (408 after).", lower=0.1)
+                                   "its request, from its first byte (408 "
+                                   "after).", lower=0.1)
+  keepalive_timeout: float = setting(5.0, "Seconds a kept-alive connection "
+                                     "may stay idle before its next request.",
+                                     lower=0.1)
+  workers: int = setting(64, "Threads answering connections (a fixed pool; "
+                         "each holds one connection at a time).", lower=1,
+                         upper=4096)
+  pending_connections: int = setting(
+      256, "Accepted connections waiting for a worker; when they are this "
+      "many the server stops accepting, and new connections wait in the "
+      "listen backlog.", lower=1)
+  reload_interval: float = setting(2.0, "Seconds between checks for a new "
+                                   "export version (tt-mimic catalog); 0 = "
+                                   "never reload.", lower=0.0)
 
 
 SECTIONS = {"ingest": IngestConfig, "features": FeatureConfig,

@@ -88,6 +88,10 @@ def test_base_cfg_matches_the_code_defaults(monkeypatch):
   with flagsaver.flagsaver():
     FLAGS(["tt-mimic", "--flagfile=flags/base.cfg"])
     assert common.run_config() == config_lib.RunConfig()
+    assert common.serve_config() == config_lib.ServeConfig()
+    listed = set(_flag_names(FLAGS.read_flags_from_files(
+        ["--flagfile=flags/base.cfg"], force_gnu=False)))
+    assert set(common.SERVE_FLAGS) <= listed
 
 
 def test_base_cfg_check_can_fail(monkeypatch, tmp_path):

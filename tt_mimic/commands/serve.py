@@ -27,8 +27,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 1
   r = server.recommender
-  print(f"Serving {r.directory} ({len(r.items)} books, {r.index_name} index, "
-        f"k<={r.k}) at {server.url}\n  curl -s -d '{{\"instances\": "
+  print(f"Serving {r.directory} (version {r.version}, {len(r.items)} books, "
+        f"{r.index_name} index, k<={r.k}) at {server.url}\n  curl -s -d "
+        f"'{{\"instances\": "
         f"[\"<user_id>\"]}}' {server.url}:predict", flush=True)
 
   def stop(signum, frame):  # SIGINT/SIGTERM: finish in-flight requests, exit.

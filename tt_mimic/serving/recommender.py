@@ -12,12 +12,23 @@ three ways, which each answer's `source` names:
   popularity (unknown user, no history)  the most-read books
 
 History entries that the model does not know are ignored and listed in the
-answer's `note`; they never raise. Books the user has read (from the export's
-`seen.parquet`, plus the given history) are excluded unless asked otherwise.
+answer's `note`; they never raise. Books added by `tt-mimic catalog` stand in
+a history as the trained book nearest to them (their `history_proxy`, chosen
+by the catalog from the candidate embeddings), since the query tower has no
+id for them. Books the user has read (from the export's `seen.parquet`, plus
+the given history) are excluded unless asked otherwise.
+
+Export versions: `<model_dir>/export/` is version 1, as `tt-mimic export`
+wrote it. Each `tt-mimic catalog` writes version n >= 2 whole into
+`export/versions/<n>/` (indexes, items.parquet, embeddings.npy,
+export.json; query/, candidate/ and seen.parquet stay in `export/`) and then
+names it in `export/CURRENT`, replaced atomically. A version made from
+another base export (the run was re-exported since) is stale and ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +44,8 @@ KNOWN_USER = "known user"
 HISTORY_BASED = "history-based (unknown user)"
 POPULARITY = "popularity (unknown user, no history)"
 INDEXES = ("scann", "brute_force")
-EXPORT_FILES = ("export.json", "items.parquet", "seen.parquet")
+VERSIONS = "versions"  # export/versions/<n>/: versions written by catalog
+CURRENT = "CURRENT"  # export/CURRENT: the version served (absent: 1)
 
 # Cap on batch x exclusions x retrieved books compared in one index call.
 _EXCLUSION_BUDGET = 20_000_000
@@ -85,6 +97,49 @@ def export_directory(model_dir: str) -> str:
                     f"--model_dir={model_dir}.")
 
 
+def base_fingerprint(directory: str) -> str:
+  """A digest of `<directory>/export.json`: it changes with every export."""
+  with open(os.path.join(directory, "export.json"), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def version_path(directory: str, version: int) -> str:
+  """Where version `version` (>= 2) of the export in `directory` lives."""
+  return os.path.join(directory, VERSIONS, str(version))
+
+
+def current_version(directory: str) -> tuple[int, str, str]:
+  """The export version to serve: (version, its directory, a token).
+
+  The token changes whenever another version is named in CURRENT or the
+  base export is rewritten; it is cheap to compute (three small reads), so
+  a server may poll it.
+
+  Args:
+    directory: an export directory (see `export_directory`).
+  """
+  base = base_fingerprint(directory)
+  try:
+    with open(os.path.join(directory, CURRENT)) as f:
+      version = int(f.read().strip() or 1)
+  except FileNotFoundError:
+    version = 1
+  except ValueError:
+    raise ExportError(f"{os.path.join(directory, CURRENT)} does not hold a "
+                      "version number; remove it to serve version 1.") from None
+  if version <= 1:
+    return 1, directory, f"{base}:1"
+  path = version_path(directory, version)
+  try:
+    with open(os.path.join(path, "export.json")) as f:
+      made_from = json.load(f).get("base_export")
+  except (OSError, ValueError):
+    made_from = None
+  if made_from != base:  # missing, or made from an earlier export
+    return 1, directory, f"{base}:1"
+  return version, path, f"{base}:{version}"
+
+
 def load_index(directory: str, index: str):
   """Loads `<directory>/index_<index>`; imports ScaNN's ops first if needed."""
   if index not in INDEXES:
@@ -123,9 +178,13 @@ class Recommender:
   concurrently).
 
   Attributes:
-    directory: the export directory.
+    model_dir: as given.
+    directory: the export directory (version 1; query/, seen.parquet).
+    version: the export version loaded (1, or one written by catalog).
+    version_directory: where that version's indexes and items are.
+    token: `current_version`'s token for the loaded version.
     k: the most results per user the export holds.
-    info: export.json.
+    info: export.json of the version.
     index_name: "scann" or "brute_force".
     model: the loaded index SavedModel.
     items: items.parquet (parent_asin, title, author, categories, ...).
@@ -142,22 +201,27 @@ class Recommender:
       ExportError: the directory is not a usable export.
       ValueError: unknown index.
     """
+    self.model_dir = model_dir
     self.directory = export_directory(model_dir)
-    for name in EXPORT_FILES:
-      if not os.path.exists(os.path.join(self.directory, name)):
-        raise ExportError(f"{os.path.join(self.directory, name)} is missing; "
-                          "re-export the run.")
-    with open(os.path.join(self.directory, "export.json")) as f:
+    self.version, self.version_directory, self.token = current_version(
+        self.directory)
+    here = self.version_directory
+    for path in (os.path.join(here, "export.json"),
+                 os.path.join(here, "items.parquet"),
+                 os.path.join(self.directory, "seen.parquet")):
+      if not os.path.exists(path):
+        raise ExportError(f"{path} is missing; re-export the run.")
+    with open(os.path.join(here, "export.json")) as f:
       self.info = json.load(f)
     self.k = int(self.info["k"])
     self.index_name = index
-    self.model = load_index(self.directory, index)
+    self.model = load_index(here, index)
     try:
       self._predict = self.model.signatures["with_history"]
     except KeyError:
       raise ExportError(f"index_{index} has no with_history signature; "
                         "re-export the run.") from None
-    items = pd.read_parquet(os.path.join(self.directory, "items.parquet"))
+    items = pd.read_parquet(os.path.join(here, "items.parquet"))
     items["categories"] = items["categories"].map(
         lambda c: [] if c is None else [str(x) for x in c])
     self.items = items
@@ -166,8 +230,12 @@ class Recommender:
     self._authors = items["author"].fillna("").astype(str).tolist()
     self._categories = items["categories"].tolist()
     # The query model knows the books of training; books added later by
-    # tt_mimic.catalog are retrievable but cannot describe a user's history.
+    # tt_mimic.catalog stand in a history as their nearest trained book.
     self._base_items = int(self.info.get("base_items", len(items)))
+    proxies = (items["history_proxy"].fillna("").astype(str).tolist()
+               if "history_proxy" in items else [""] * len(items))
+    self._proxy = {a: p for a, p in zip(items["parent_asin"][
+        self._base_items:], proxies[self._base_items:]) if p}
     # A model trained with --history_length=0 ignores histories.
     self.uses_history = int(self.info.get("history_length", 1)) > 0
     seen = pd.read_parquet(os.path.join(self.directory, "seen.parquet"))
@@ -200,10 +268,15 @@ class Recommender:
       raise ValueError("history must be a list of parent_asins, not a "
                        f"string ({history!r}).")
     history = [str(h) for h in (history or [])]
-    usable = [h for h in history
-              if self._row.get(h, self._base_items) < self._base_items]
-    ignored = [h for h in history
-               if self._row.get(h, self._base_items) >= self._base_items]
+    usable, ignored, proxied = [], [], []
+    for h in history:
+      if self._row.get(h, self._base_items) < self._base_items:
+        usable.append(h)
+      elif h in self._proxy:
+        usable.append(self._proxy[h])
+        proxied.append(h)
+      else:
+        ignored.append(h)
     if self.is_known_user(user_id):
       source = KNOWN_USER
     elif usable and self.uses_history:
@@ -213,7 +286,7 @@ class Recommender:
     exclude = []
     if exclude_seen:
       exclude = list(dict.fromkeys(self.seen(user_id) + history))
-    return user_id, usable, ignored, source, exclude
+    return user_id, usable, ignored, source, exclude, proxied
 
   def recommend_batch(self, user_ids, histories=None, k: int = 10,
                       exclude_seen: bool = True) -> list[Recommendations]:
@@ -281,7 +354,7 @@ class Recommender:
       start = stop
 
   def _answer(self, plan, ids, scores, k) -> Recommendations:
-    _, usable, ignored, source, exclude = plan
+    _, usable, ignored, source, exclude, proxied = plan
     excluded = set(exclude)
     rows = []
     for asin, score in zip(ids.tolist(), scores.tolist()):
@@ -299,6 +372,10 @@ class Recommender:
                "not use histories")
     if source == KNOWN_USER and usable and not history_unused:
       note += "; the given history replaces the stored one"
+    if proxied and not history_unused:
+      note += (f"; {len(proxied)} history "
+               f"entr{'y' if len(proxied) == 1 else 'ies'} added by the "
+               "catalog stand in as the nearest trained book")
     if ignored:
       shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
       note += (f"; ignored {len(ignored)} history "

@@ -4,7 +4,7 @@
       [--index=scann|brute_force]
 
 Endpoints (MODEL is --model_name, default tt_mimic; each also answers under
-/v1/models/MODEL/versions/1):
+/v1/models/MODEL/versions/N, N the export version served):
 
   GET  /v1/models/MODEL            model status
   GET  /v1/models/MODEL/metadata   inputs, outputs, k and request counters
@@ -22,13 +22,28 @@ Optional top-level fields: "k" (default --k, at most the export's k) and
 user; histories list parent_asins oldest first. Lists hold fewer than k
 entries when exclusions leave fewer books. Bad requests get a 4xx status and
 {"error": "..."}; the server keeps serving.
+
+The server speaks HTTP/1.1 with persistent connections. A fixed pool of
+--workers threads answers them; when all are busy, accepted connections
+wait in a queue of --pending_connections and then in the listen backlog
+(1024): a loaded server answers later, it does not refuse. A request must
+arrive whole within --request_timeout seconds of its first byte (408
+otherwise; a body that ends early gets 400); an idle kept-alive connection
+is closed after --keepalive_timeout seconds. Every --reload_interval
+seconds the server checks the export's version (tt-mimic catalog writes
+new ones) and, if it changed, loads the new version completely and then
+swaps it in; requests under way finish on the version they started with.
 """
 
 from __future__ import annotations
 
 import http.server
+import io
 import json
+import queue
+import sys
 import threading
+import time
 import traceback
 
 from absl import logging
@@ -37,7 +52,6 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 from tt_mimic.config import ServeConfig
 from tt_mimic.serving import recommender as recommend
 
-VERSION = "1"
 _INSTANCE_FIELDS = ("user_id", "history")
 _TOP_LEVEL_FIELDS = ("instances", "inputs", "k", "exclude_seen",
                      "signature_name")
@@ -54,11 +68,20 @@ class RequestError(ValueError):
     self.status = status
 
 
+def _check_text(value: str, where: str) -> str:
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:  # JSON may escape lone surrogates
+    raise RequestError(f"{where}: {value!r} is not valid Unicode text "
+                       "(a lone surrogate).") from None
+  return value
+
+
 def _check_user_id(value, where: str):
   if value is not None and not isinstance(value, str):
     raise RequestError(f"{where}: user_id must be a string or null, got "
                        f"{type(value).__name__}.")
-  return value
+  return value if value is None else _check_text(value, where)
 
 
 def _check_history(value, where: str, max_history: int):
@@ -71,7 +94,7 @@ def _check_history(value, where: str, max_history: int):
   if len(value) > max_history:
     raise RequestError(f"{where}: history has {len(value)} entries; at most "
                        f"{max_history} are accepted.")
-  return value
+  return [_check_text(h, where) for h in value]
 
 
 def parse_predict(body, max_batch: int, max_history: int, default_k: int):
@@ -183,10 +206,113 @@ def predict_response(form: str, answers) -> dict:
                       for name in _OUTPUTS + ("source", "note")}}
 
 
-class Server(http.server.ThreadingHTTPServer):
-  """ThreadingHTTPServer holding one Recommender and the request limits."""
+class _DeadlineReader(io.RawIOBase):
+  """A connection's reads with one deadline per request.
 
-  daemon_threads = True
+  Before a request's first byte the socket waits `idle` seconds (then the
+  connection closes quietly); from that byte on, the whole request (line,
+  headers and body) must arrive within `limit` seconds, however slowly it
+  trickles in: each read waits only for the time left.
+  """
+
+  def __init__(self, sock):
+    super().__init__()
+    self._sock = sock
+    self._idle = self._limit = None
+    self.deadline = None
+    self.expired = False
+
+  def readable(self) -> bool:
+    return True
+
+  def begin(self, idle: float, limit: float) -> None:
+    """Starts waiting for the next request."""
+    self._idle, self._limit = idle, limit
+    self.deadline, self.expired = None, False
+
+  def started(self) -> None:
+    """The request has begun (its bytes may already be buffered)."""
+    if self.deadline is None:
+      self.deadline = time.monotonic() + self._limit
+
+  def readinto(self, buffer) -> int:
+    if self.deadline is None:
+      self._sock.settimeout(self._idle)
+    else:
+      left = self.deadline - time.monotonic()
+      if left <= 0:
+        self.expired = True
+        raise TimeoutError("the request deadline passed")
+      self._sock.settimeout(left)
+    try:
+      n = self._sock.recv_into(buffer)
+    except TimeoutError:
+      self.expired = self.deadline is not None
+      raise
+    if n:
+      self.started()
+    return n
+
+
+class PoolMixIn:
+  """socketserver mix-in: a fixed pool of worker threads.
+
+  The accepting thread puts connections on a queue of `pending` places and
+  `workers` threads take them. When the queue is full, accepting waits for a
+  free place, so further connections wait in the kernel's listen backlog
+  (`request_queue_size`) instead of being refused: a full server answers
+  later, not with errors. Unlike ThreadingMixIn, the thread count stays
+  bounded however many clients connect.
+  """
+
+  workers = 64
+  pending = 256
+
+  def start_workers(self) -> None:
+    self._queue = queue.Queue(self.pending)
+    self._workers = [threading.Thread(target=self._work, daemon=True,
+                                      name=f"serve-worker-{i}")
+                     for i in range(self.workers)]
+    for thread in self._workers:
+      thread.start()
+
+  def process_request(self, request, client_address):
+    self._queue.put((request, client_address))
+
+  def _work(self) -> None:
+    while (item := self._queue.get()) is not None:
+      request, client_address = item
+      try:
+        self.finish_request(request, client_address)
+      except Exception:  # pylint: disable=broad-except
+        self.handle_error(request, client_address)
+      finally:
+        self.shutdown_request(request)
+
+  def server_close(self):
+    """Stops accepting, drops waiting connections, lets workers finish."""
+    super().server_close()
+    while True:
+      try:
+        item = self._queue.get_nowait()
+      except queue.Empty:
+        break
+      if item is not None:
+        self.shutdown_request(item[0])
+    for _ in self._workers:
+      self._queue.put(None)
+    deadline = time.monotonic() + 2.0
+    for thread in self._workers:
+      thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class Server(PoolMixIn, http.server.HTTPServer):
+  """An HTTP/1.1 server with a bounded worker pool around one Recommender.
+
+  The Recommender is replaced, without a restart, when the export gets a
+  new version (`reload_if_changed`, polled every `reload_interval` s).
+  """
+
   allow_reuse_address = True
   # The listen backlog: the default of 5 reset connections under 50
   # concurrent clients (the kernel dropped the overflow).
@@ -194,16 +320,38 @@ class Server(http.server.ThreadingHTTPServer):
 
   def __init__(self, recommender: recommend.Recommender,
                config: ServeConfig = ServeConfig()):
+    self.workers = config.workers
+    self.pending = config.pending_connections
     super().__init__((config.host, config.port), Handler)
-    self.recommender = recommender
+    self._recommender = recommender
+    self.config = config
     self.model_name = config.model_name
     self.max_body_bytes = config.max_body_bytes
     self.max_batch = config.max_batch
     self.max_history = config.max_history
-    self.default_k = min(config.k, recommender.k)
     self.request_timeout = config.request_timeout
+    self.keepalive_timeout = config.keepalive_timeout
     self._lock = threading.Lock()
-    self._counts = {"requests": 0, "predictions": 0, "errors": 0}
+    self._counts = {"requests": 0, "predictions": 0, "errors": 0,
+                    "reloads": 0}
+    self._failed_token = None
+    self._stop = threading.Event()
+    self.start_workers()
+    self._watcher = None
+    if config.reload_interval > 0:
+      self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                       name="serve-reload")
+      self._watcher.start()
+
+  @property
+  def recommender(self) -> recommend.Recommender:
+    """The Recommender answering now (a request keeps the one it took)."""
+    with self._lock:
+      return self._recommender
+
+  @property
+  def default_k(self) -> int:
+    return min(self.config.k, self.recommender.k)
 
   def count(self, **increments) -> None:
     with self._lock:
@@ -214,6 +362,53 @@ class Server(http.server.ThreadingHTTPServer):
     with self._lock:
       return dict(self._counts)
 
+  def reload_if_changed(self) -> bool:
+    """Loads and swaps in the export's current version if it is new.
+
+    The new version is loaded completely before the swap; until then, and
+    if it fails to load, the previous one keeps answering.
+
+    Returns:
+      Whether another version now answers.
+    """
+    current = self.recommender
+    try:
+      _, _, token = recommend.current_version(current.directory)
+    except (OSError, recommend.ExportError) as e:
+      logging.warning("Cannot read the export version: %s", e)
+      return False
+    if token in (current.token, self._failed_token):
+      return False
+    try:
+      fresh = recommend.Recommender(current.model_dir, current.index_name)
+    except (OSError, ValueError, recommend.ExportError) as e:
+      logging.warning("Export version %s failed to load; still serving "
+                      "version %d: %s", token, current.version, e)
+      self._failed_token = token
+      return False
+    with self._lock:
+      self._recommender = fresh
+      self._counts["reloads"] += 1
+    logging.info("Now serving export version %d of %s (%d books).",
+                 fresh.version, fresh.directory, len(fresh.items))
+    return True
+
+  def _watch(self) -> None:
+    while not self._stop.wait(self.config.reload_interval):
+      self.reload_if_changed()
+
+  def server_close(self):
+    self._stop.set()
+    super().server_close()
+
+  def handle_error(self, request, client_address):
+    """A client that vanished is logged in one line; anything else in full."""
+    if isinstance(sys.exc_info()[1], ConnectionError):
+      logging.info("%s went away: %s", client_address[0], sys.exc_info()[1])
+    else:
+      logging.error("Error handling a request from %s: %s", client_address[0],
+                    traceback.format_exc())
+
   @property
   def url(self) -> str:
     host, port = self.server_address[:2]
@@ -221,22 +416,56 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-  """Routes the TF Serving REST paths; every answer is JSON."""
+  """Routes the TF Serving REST paths; every answer is JSON.
+
+  Speaks HTTP/1.1: connections persist unless the client (or an error that
+  leaves the request stream unreadable) closes them, and every response
+  carries Content-Length.
+  """
 
   server: Server
-  def setup(self):
-    # Seconds a client may take to send its request (socket timeout).
-    self.timeout = self.server.request_timeout
-    super().setup()
+  protocol_version = "HTTP/1.1"
   server_version = "tt_mimic-serve/" + tt_mimic.__version__
+  # Headers and body go out in two writes: without TCP_NODELAY, Nagle's
+  # algorithm holds the body for the client's delayed ACK (~40 ms per
+  # request on a kept-alive connection).
+  disable_nagle_algorithm = True
+
+  def setup(self):
+    super().setup()
+    self.rfile.close()  # reads go through the deadline reader instead
+    self._reader = _DeadlineReader(self.connection)
+    self.rfile = io.BufferedReader(self._reader, 1 << 16)
+    self._requests = 0
+
+  def handle_one_request(self):
+    first = self._requests == 0
+    self._reader.begin(self.server.request_timeout if first
+                       else self.server.keepalive_timeout,
+                       self.server.request_timeout)
+    self._responded = False
+    # What an answer needs before parse_request has set it.
+    self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+    super().handle_one_request()
+    self._requests += 1
+    if self._reader.expired and not self._responded:
+      # The request line or headers did not arrive in time.
+      self.close_connection = True
+      self.server.count(requests=1, errors=1)
+      self._json(408, {"error": "The request did not arrive within "
+                                f"{self.server.request_timeout:g} s."})
+
+  def parse_request(self):
+    self._reader.started()
+    return super().parse_request()
 
   # ---------------------------------------------------------------- routes
 
-  def _route(self) -> str | None:
+  def _route(self, version: int) -> str | None:
     """'status', 'metadata', 'predict' or None for the request path."""
     path = self.path.split("?", 1)[0].rstrip("/")
     base = f"/v1/models/{self.server.model_name}"
-    for prefix in (base + f"/versions/{VERSION}", base):
+    for prefix in (base + f"/versions/{version}", base):
       if path == prefix:
         return "status"
       if path == prefix + "/metadata":
@@ -247,13 +476,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def do_GET(self):  # pylint: disable=invalid-name
     self.server.count(requests=1)
-    route = self._route()
+    self._discard_body()
+    recommender = self.server.recommender
+    route = self._route(recommender.version)
     if route == "status":
       self._json(200, {"model_version_status": [{
-          "version": VERSION, "state": "AVAILABLE",
+          "version": str(recommender.version), "state": "AVAILABLE",
           "status": {"error_code": "OK", "error_message": ""}}]})
     elif route == "metadata":
-      self._json(200, self._metadata())
+      self._json(200, self._metadata(recommender))
     elif route == "predict":
       self._error(405, "Use POST for :predict.")
     else:
@@ -262,7 +493,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def do_POST(self):  # pylint: disable=invalid-name
     self.server.count(requests=1)
-    route = self._route()
+    recommender = self.server.recommender  # this request's, even if swapped
+    route = self._route(recommender.version)
     if route is None:
       self._discard_body()
       self._error(404, f"Not found: {self.path}. Predict with POST "
@@ -276,8 +508,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
       body = self._read_json()
       form, user_ids, histories, k, exclude_seen = parse_predict(
           body, self.server.max_batch, self.server.max_history,
-          self.server.default_k)
-      recommender = self.server.recommender
+          min(self.server.config.k, recommender.k))
       if not 1 <= k <= recommender.k:
         raise RequestError(f"k={k} is out of range: this model returns 1 to "
                            f"{recommender.k} results per user.")
@@ -306,10 +537,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
   def _base(self) -> str:
     return f"/v1/models/{self.server.model_name}"
 
-  def _metadata(self) -> dict:
-    r = self.server.recommender
+  def _metadata(self, r: recommend.Recommender) -> dict:
     return {"model_spec": {"name": self.server.model_name,
-                           "version": VERSION,
+                           "version": str(r.version),
                            "signature_name": "serving_default"},
             "metadata": {
                 "inputs": {"user_id": "string", "history":
@@ -319,12 +549,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             "title": "string[k]", "author": "string[k]",
                             "categories": "list of strings[k]",
                             "source": "string", "note": "string"},
-                "k": {"default": self.server.default_k, "max": r.k},
+                "k": {"default": min(self.server.config.k, r.k), "max": r.k},
                 "index": r.index_name, "items": int(len(r.items)),
                 "max_batch": self.server.max_batch,
                 "max_body_bytes": self.server.max_body_bytes,
                 "counts": self.server.counts()}}
-
   def _content_length(self) -> int:
     if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
       self.close_connection = True
@@ -343,7 +572,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     return length
 
   def _discard_body(self) -> None:
-    """Reads and drops a body we do not use (so the client sees our answer)."""
+    """Reads and drops a body we do not use (so the client sees our answer).
+
+    A body that is too long, stops short or arrives late closes the
+    connection after the answer instead.
+    """
     try:
       length = self._content_length()
     except RequestError:
@@ -351,11 +584,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     if length > _DRAIN_LIMIT:
       self.close_connection = True
       return
-    while length > 0:
-      chunk = self.rfile.read(min(length, 1 << 16))
-      if not chunk:
-        break
-      length -= len(chunk)
+    try:
+      while length > 0:
+        chunk = self.rfile.read(min(length, 1 << 16))
+        if not chunk:
+          break
+        length -= len(chunk)
+    except OSError:  # TimeoutError, ConnectionResetError
+      length = 1
+    if length > 0:
+      self.close_connection = True
 
   def _read_json(self):
     length = self._content_length()
@@ -370,6 +608,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.close_connection = True
       raise RequestError(f"The body did not arrive within "
                          f"{self.server.request_timeout:g} s.", 408) from None
+    except ConnectionError as e:
+      self.close_connection = True
+      raise RequestError(f"The connection broke during the body: {e}") from None
     if len(data) != length:
       self.close_connection = True
       raise RequestError(f"The body ended after {len(data)} of {length} "
@@ -381,15 +622,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def _json(self, status: int, payload: dict) -> None:
     data = json.dumps(payload).encode("utf-8")
+    self._responded = True
+    # A client that stops reading gets request_timeout to take the answer.
+    self.connection.settimeout(self.server.request_timeout)
     try:
       self.send_response(status)
       self.send_header("Content-Type", "application/json")
       self.send_header("Content-Length", str(len(data)))
       if self.close_connection:
         self.send_header("Connection", "close")
+      elif self.request_version == "HTTP/1.0":
+        self.send_header("Connection", "keep-alive")  # it asked to keep it
       self.end_headers()
       self.wfile.write(data)
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
       self.close_connection = True
 
   def _error(self, status: int, message: str) -> None:
@@ -399,6 +645,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
   def send_error(self, code, message=None, explain=None):
     """Protocol-level errors (bad request line, ...) as JSON too."""
     self.close_connection = True
+    if self.request_version == "HTTP/0.9":  # one that never parsed: answer
+      self.request_version = "HTTP/1.0"  # with a status line all the same
     self.server.count(errors=1)
     self._json(code, {"error": message or self.responses.get(
         code, ("error",))[0]})
