@@ -13,15 +13,26 @@ picked afresh for the new corpus size, agreement re-measured). With
 --update_existing, books already in the export whose metadata changed are
 re-embedded in place.
 
-New books can be recommended at once; they do not count as known history
-books until the model is retrained (the query tower has no id for them), and
-their popularity is zero. A running `tt-mimic serve` must be restarted to
-see them.
+Each run writes a new export version (see tt_mimic.serving.recommender):
+the changed indexes, items.parquet, embeddings.npy and export.json are built
+in `export/versions/.staging-<n>/`, renamed to `export/versions/<n>/` when
+complete, and only then named in `export/CURRENT` (an atomic replace). A
+running `tt-mimic serve` picks the new version up without a restart. One
+catalog runs at a time per export (a lock file); each run first removes what
+an interrupted run left behind (staging directories, versions never named
+in CURRENT, older versions), keeping the current version.
+
+New books can be recommended at once, and their popularity is zero. The
+query tower has no id for them, so in a user's history each stands as the
+trained book whose candidate embedding is nearest to its own (its
+`history_proxy` in items.parquet) until the model is retrained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -45,6 +56,10 @@ METADATA_COLUMNS = ("title", "author", "categories") + ingest.NUMERIC_COLUMNS
 ITEM_COLUMNS = ("parent_asin",) + METADATA_COLUMNS + ("train_count",)
 _CHECK_ROWS = 64  # exported books re-embedded to check the candidate tower
 _MAX_QUERIES = 1000  # users whose embeddings measure ScaNN against brute force
+_LOCK = ".catalog.lock"
+_STAGING = ".staging-"
+_LEGACY_STAGING = ".catalog_staging"  # where catalogs before versions built
+_PROXY_BLOCK = 1 << 26  # scores computed at once when choosing proxies
 
 
 class CatalogError(RuntimeError):
@@ -65,6 +80,7 @@ class CatalogResult:
     items: corpus size afterwards.
     index: build_indexes' answer (k, ScaNN parameters, agreement), or {}
       when nothing changed.
+    version: the export version written (0 when nothing changed).
   """
   books: dict
   added: list
@@ -72,6 +88,7 @@ class CatalogResult:
   unchanged: int
   items: int
   index: dict
+  version: int = 0
 
   def summary(self) -> str:
     b = self.books
@@ -87,7 +104,8 @@ class CatalogResult:
     if self.index:
       agree = self.index.get("scann_agreement_at_k")
       lines.append(
-          f"rebuilt indexes over {self.items} books (k={self.index['k']}"
+          f"export version {self.version}: rebuilt indexes over "
+          f"{self.items} books (k={self.index['k']}"
           + (f", ScaNN top-k agreement with brute force {agree:.4f}"
              if agree is not None else ", no ScaNN") + ")")
     else:
@@ -148,9 +166,71 @@ def _write_atomic(path: str, write) -> None:
   os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _locked(directory: str):
+  """Holds the export's catalog lock (released when the process ends)."""
+  with open(os.path.join(directory, _LOCK), "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise CatalogError(f"Another tt-mimic catalog is writing {directory}; "
+                         "wait for it to finish.") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def clean_stale(directory: str) -> list[str]:
+  """Removes what interrupted catalogs left; keeps the current version.
+
+  Under the catalog lock, every staging directory is stale, and so is every
+  version but the current one (versions renamed into place but never named
+  in CURRENT, versions made from an earlier export, older versions).
+
+  Returns:
+    The paths removed.
+  """
+  version, _, _ = recommend.current_version(directory)
+  stale = [os.path.join(directory, _LEGACY_STAGING)]
+  versions = os.path.join(directory, recommend.VERSIONS)
+  if os.path.isdir(versions):
+    stale += [os.path.join(versions, name) for name in os.listdir(versions)
+              if name != str(version)]
+  removed = [path for path in stale if os.path.lexists(path)]
+  for path in removed:
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  if removed:
+    logging.info("Removed what an interrupted catalog left: %s", removed)
+  return removed
+
+
+def history_proxies(embeddings: np.ndarray, base_items: int) -> np.ndarray:
+  """For each book after the first `base_items`, the nearest of those.
+
+  Args:
+    embeddings: [n, dim] candidate embeddings; the first `base_items` rows
+      are the books the query tower knows.
+    base_items: how many books the query tower knows.
+
+  Returns:
+    [n - base_items] row numbers in 0..base_items-1 (by dot product).
+  """
+  base = embeddings[:base_items]
+  rows = max(1, _PROXY_BLOCK // max(base_items, 1))
+  out = []
+  for start in range(base_items, len(embeddings), rows):
+    scores = embeddings[start:start + rows] @ base.T
+    out.append(np.argmax(scores, axis=1))
+  return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def add_books(model_dir: str, books_csv: str,
               update_existing: bool = False) -> CatalogResult:
-  """Embeds the new books of `books_csv` and rebuilds the run's indexes.
+  """Embeds the new books of `books_csv` into a new export version.
 
   Args:
     model_dir: a training run directory (or its export directory).
@@ -163,15 +243,25 @@ def add_books(model_dir: str, books_csv: str,
   Raises:
     recommend.ExportError: no usable export.
     ingest.IngestError: the CSV cannot be read.
-    CatalogError: the candidate tower does not reproduce the export.
+    CatalogError: the candidate tower does not reproduce the export, or
+      another catalog is writing the export.
   """
   directory = recommend.export_directory(model_dir)
-  with open(os.path.join(directory, "export.json")) as f:
+  with _locked(directory):
+    clean_stale(directory)
+    return _add_books(directory, books_csv, update_existing)
+
+
+def _add_books(directory: str, books_csv: str,
+               update_existing: bool) -> CatalogResult:
+  """add_books under the lock."""
+  version, source, _ = recommend.current_version(directory)
+  with open(os.path.join(source, "export.json")) as f:
     info = json.load(f)
-  items = pd.read_parquet(os.path.join(directory, "items.parquet"))
+  items = pd.read_parquet(os.path.join(source, "items.parquet"))
   items["categories"] = items["categories"].map(
       lambda c: [] if c is None else [str(x) for x in c])
-  embeddings = np.load(os.path.join(directory, "embeddings.npy"))
+  embeddings = np.load(os.path.join(source, "embeddings.npy"))
   if len(items) != len(embeddings):
     raise CatalogError(f"items.parquet has {len(items)} rows but "
                        f"embeddings.npy {len(embeddings)}; re-export the run.")
@@ -216,6 +306,10 @@ def add_books(model_dir: str, books_csv: str,
     embeddings = np.concatenate([embeddings, embed(candidate, added)])
     items = pd.concat([items, added[list(ITEM_COLUMNS)]], ignore_index=True)
   items["train_count"] = items["train_count"].astype(np.int64)
+  base_items = int(info.get("base_items", info.get("items", len(row))))
+  proxies = history_proxies(embeddings, base_items)
+  items["history_proxy"] = [""] * base_items + list(
+      items["parent_asin"].to_numpy()[proxies])
 
   query = tf.saved_model.load(os.path.join(directory, "query"))
   seen = pd.read_parquet(os.path.join(directory, "seen.parquet"),
@@ -227,45 +321,44 @@ def add_books(model_dir: str, books_csv: str,
   config = ExportConfig(
       k=int(info["k"]),
       max_exclusions=int(info.get("retrieve", info["k"])) - int(info["k"]))
-  staging = os.path.join(directory, ".catalog_staging")
-  if os.path.exists(staging):
-    shutil.rmtree(staging)
+  target = version + 1
+  staging = os.path.join(directory, recommend.VERSIONS, f"{_STAGING}{target}")
   os.makedirs(staging)
-  index_info = export.build_indexes(
-      query, embeddings, items["parent_asin"].to_numpy(),
-      items["train_count"].to_numpy(np.float64), config, staging,
-      queries.numpy())
-  for name in ("index_brute_force", "index_scann"):
-    target = os.path.join(directory, name)
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    if os.path.exists(os.path.join(staging, name)):
-      os.replace(os.path.join(staging, name), target)
-  shutil.rmtree(staging)
-  _write_atomic(os.path.join(directory, "items.parquet"),
-                items.to_parquet)
-  with open(os.path.join(directory, "embeddings.npy.tmp"), "wb") as f:
-    np.save(f, embeddings)
-  os.replace(os.path.join(directory, "embeddings.npy.tmp"),
-             os.path.join(directory, "embeddings.npy"))
-  history = info.get("catalog", {})
-  base_items = int(info.get("base_items", info.get("items", len(row))))
-  new_info = {key: value for key, value in info.items()
-              if key not in ("scann", "scann_agreement_at_k")}
-  new_info.update(index_info)
-  new_info["base_items"] = base_items
-  new_info["catalog"] = {
-      "added": int(history.get("added", 0)) + len(result.added),
-      "updated": int(history.get("updated", 0)) + len(result.updated),
-      "last_books_csv": os.path.abspath(books_csv)}
-
-  def write_info(path):
-    with open(path, "w") as f:
+  try:
+    index_info = export.build_indexes(
+        query, embeddings, items["parent_asin"].to_numpy(),
+        items["train_count"].to_numpy(np.float64), config, staging,
+        queries.numpy())
+    items.to_parquet(os.path.join(staging, "items.parquet"))
+    np.save(os.path.join(staging, "embeddings.npy"), embeddings)
+    history = info.get("catalog", {})
+    new_info = {key: value for key, value in info.items()
+                if key not in ("scann", "scann_agreement_at_k")}
+    new_info.update(index_info)
+    new_info["base_items"] = base_items
+    new_info["version"] = target
+    new_info["base_export"] = recommend.base_fingerprint(directory)
+    new_info["catalog"] = {
+        "added": int(history.get("added", 0)) + len(result.added),
+        "updated": int(history.get("updated", 0)) + len(result.updated),
+        "last_books_csv": os.path.abspath(books_csv)}
+    with open(os.path.join(staging, "export.json"), "w") as f:
       json.dump(new_info, f, indent=2)
+    # Complete: publish the version, then name it.
+    os.rename(staging, recommend.version_path(directory, target))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
-  _write_atomic(os.path.join(directory, "export.json"), write_info)
+  def write_current(path):
+    with open(path, "w") as f:
+      f.write(f"{target}\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  _write_atomic(os.path.join(directory, recommend.CURRENT), write_current)
   result.index = index_info
   result.items = len(items)
-  logging.info("Added %d and updated %d books in %s.", len(result.added),
-               len(result.updated), directory)
+  result.version = target
+  logging.info("Added %d and updated %d books in %s (version %d).",
+               len(result.added), len(result.updated), directory, target)
   return result

@@ -10,6 +10,10 @@ Layout under `<model_dir>/export/`:
   seen.parquet        every known (userId, parent_asin) pair, for exclusions
   export.json         k, ScaNN parameters, measured ScaNN/brute-force agreement
 
+This is export version 1; `tt-mimic catalog` adds versions under
+`versions/<n>/` and names the served one in `CURRENT` (see
+tt_mimic.serving.recommender). A new export removes them.
+
 Each SavedModel holds the Keras preprocessing layers, so it takes raw
 strings. Unknown users with no history get the popularity list from the
 index models, never an error. Re-export an existing run with
@@ -352,7 +356,17 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
                        directory, queries)
   info["history_length"] = prep.feature_config.history_length
   info["provenance"] = provenance(model_dir, prep)
-  with open(os.path.join(directory, "export.json"), "w") as f:
+  with open(os.path.join(directory, "export.json.tmp"), "w") as f:
     json.dump(info, f, indent=2)
+  # Written last and atomically: a server polling the export reloads once.
+  os.replace(os.path.join(directory, "export.json.tmp"),
+             os.path.join(directory, "export.json"))
+  # Versions added by tt-mimic catalog belong to the previous export.
+  for name in ("CURRENT", "versions"):
+    path = os.path.join(directory, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
   logging.info("Exported %s", directory)
   return directory
