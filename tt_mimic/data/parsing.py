@@ -24,12 +24,16 @@ _NULLS = frozenset({"", "none", "null", "nan", "na", "n/a", "[]", "unknown",
                     "unknown author", "[unknown]"})
 
 
-def _as_list(raw: str) -> tuple[list[str], bool]:
-  """One cell -> (list of non-empty strings, whether it was malformed)."""
+def _as_list(raw: str, malformed: list) -> list[str]:
+  """One cell -> list of non-empty strings; appends it to `malformed` if so.
+
+  (A list to append to rather than a returned flag: a tuple per cell made
+  parsing measurably slower on large files.)
+  """
   text = raw.strip()
   if text.lower() in _NULLS:
-    return [], False
-  value, malformed = None, False
+    return []
+  value = None
   if text[:1] in "[\"{":
     try:
       value = json.loads(text)
@@ -39,7 +43,8 @@ def _as_list(raw: str) -> tuple[list[str], bool]:
       except (ValueError, TypeError, SyntaxError, MemoryError,
               RecursionError):
         value = None
-      malformed = value is None and text[:1] != "\""
+      if value is None and text[:1] != "\"":
+        malformed.append(raw)
       if value is None and text[:1] == "[" and text[-1:] == "]":
         # Broken JSON list: split the inside on the quote-comma-quote seams.
         inner = text[1:-1].strip().strip("\"'")
@@ -49,7 +54,8 @@ def _as_list(raw: str) -> tuple[list[str], bool]:
   if isinstance(value, str):
     value = [value]
   if not isinstance(value, list):
-    malformed = malformed or isinstance(value, (dict, set, tuple))
+    if isinstance(value, dict):  # a JSON object, not a list
+      malformed.append(raw)
     value = [value] if isinstance(value, (int, float)) else []
   out = []
   for v in value:
@@ -57,7 +63,7 @@ def _as_list(raw: str) -> tuple[list[str], bool]:
       out.extend(str(x).strip() for x in v)
     elif v is not None:
       out.append(str(v).strip())
-  return [v for v in out if v and v.lower() not in _NULLS], malformed
+  return [v for v in out if v and v.lower() not in _NULLS]
 
 
 def parse_json_list(raw: pd.Series) -> tuple[list[list[str]], int]:
@@ -67,8 +73,9 @@ def parse_json_list(raw: pd.Series) -> tuple[list[list[str]], int]:
     (lists, malformed): one list of strings per cell, and how many cells
     were malformed (see the module docstring).
   """
-  parsed = [_as_list(str(x)) for x in raw.to_numpy()]
-  return [p[0] for p in parsed], sum(p[1] for p in parsed)
+  malformed = []
+  lists = [_as_list(str(x), malformed) for x in raw.to_numpy()]
+  return lists, len(malformed)
 
 
 def parse_title(raw: pd.Series) -> tuple[np.ndarray, int]:
@@ -78,8 +85,9 @@ def parse_title(raw: pd.Series) -> tuple[np.ndarray, int]:
     (titles, malformed): an object array of strings, and how many cells
     were malformed lists.
   """
-  lists, malformed = parse_json_list(raw)
-  return np.array([" ".join(x) for x in lists], dtype=object), malformed
+  malformed = []
+  titles = [" ".join(_as_list(str(x), malformed)) for x in raw.to_numpy()]
+  return np.array(titles, dtype=object), len(malformed)
 
 
 def _author(raw: str) -> str:
