@@ -84,7 +84,9 @@ def main(kind: str, out: str, data_dir: str) -> None:
       local_batch)
   per_replica = strategy.run(tf.function(
       lambda b: gradients(multi.model, b)), args=(distributed,))
-  summed = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+  summed = tf.nest.map_structure(
+      lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None),
+      per_replica)
   for name in TERMS:
     results[f"single/{name}"] = reference[name][0].numpy()
     results[f"multi/{name}"] = summed[name][0].numpy()

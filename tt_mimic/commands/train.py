@@ -8,6 +8,8 @@ exports the DAT model and prints one user's recommendations.
 
 from __future__ import annotations
 
+import tempfile
+
 from absl import app
 
 from tt_mimic.commands import common
@@ -25,26 +27,42 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = common.run_config()
   model_dir = common.MODEL_DIR.value
+  # Before any other TensorFlow op: MultiWorkerMirroredStrategy configures
+  # the process's collective ops at creation.
+  strategy = trainer.strategy(config.train.distribute)
   try:
-    with pipeline.run_lock(model_dir):
-      _train(config, model_dir)
+    if trainer.is_chief(strategy):
+      with pipeline.run_lock(model_dir):
+        _train(config, model_dir)
+    else:
+      # A non-chief worker trains in step with the chief but writes only to
+      # a private directory, removed at the end (TensorFlow's multi-worker
+      # rule), and restores from the chief's backups in --model_dir.
+      with tempfile.TemporaryDirectory(prefix="tt_mimic_worker_") as private:
+        _train(config, private, backup_root=model_dir)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
 
 
-def _train(config, model_dir: str) -> None:
+def _train(config, model_dir: str, backup_root: str | None = None) -> None:
+  """The run in `model_dir`; with `backup_root`, a non-chief worker's part
+  (training and evaluation only: no report, export or example)."""
   common.write_flags(model_dir)
   try:
-    prep = pipeline.start_run(config, model_dir, common.CACHE_DIR.value)
+    prep = pipeline.start_run(config, model_dir,
+                              None if backup_root else common.CACHE_DIR.value)
   except ingest.IngestError as e:
     raise SystemExit(f"ingest failed: {e}") from None
   variants = tuple(v for v in experiment.VARIANTS
                    if v in config.train.variants)
   try:
     metrics, results, built = experiment.run(
-        prep, config.tower, config.loss, config.train, variants, model_dir)
+        prep, config.tower, config.loss, config.train, variants, model_dir,
+        backup_root)
   except trainer.NonFiniteLossError as e:
     raise SystemExit(str(e)) from None
+  if backup_root:
+    return
   report.write(model_dir, prep, metrics, results, built)
   if config.export.export and "dat" in built:
     name = pipeline.exported_variant(model_dir)

@@ -192,8 +192,12 @@ class DATModel(tfrs.Model):
     zero = tf.zeros([], tf.float32)
     # AMM is on exactly when the towers have a_u and a_v (TowerConfig.use_amm).
     amm = a_u is not None and a_v is not None
-    terms["loss_u"] = share * losses.mimic_loss(a_u, p_v) if amm else zero
-    terms["loss_v"] = share * losses.mimic_loss(a_v, p_u) if amm else zero
+    # multiply_no_nan: a replica left without examples by a last, partial
+    # global batch has share 0 and an undefined (NaN) mean.
+    terms["loss_u"] = (tf.math.multiply_no_nan(losses.mimic_loss(a_u, p_v),
+                                               share) if amm else zero)
+    terms["loss_v"] = (tf.math.multiply_no_nan(losses.mimic_loss(a_v, p_u),
+                                               share) if amm else zero)
     terms["loss_ca"] = (losses.category_alignment_loss(all_v, all_category)
                         / replicas if cfg.use_cal else zero)
     return {name: tf.debugging.check_numerics(
@@ -214,10 +218,13 @@ def _global_batch(p_v, items, category):
   context = tf.distribute.get_replica_context()
   if context is None or context.num_replicas_in_sync == 1:
     return p_v, items, category, tf.cast(local, tf.float32), 1.0
-  sizes = context.all_gather(local[None], axis=0)
+  # tf.identity: under MultiWorkerMirroredStrategy in a tf.function, a
+  # gathered tensor needs a device, which a function input lacks.
+  sizes = context.all_gather(tf.identity(local[None]), axis=0)
   offset = tf.reduce_sum(sizes[:context.replica_id_in_sync_group])
   # One gather per tensor: a batched gather needs one dtype.
-  gathered = [tf.roll(context.all_gather(t, axis=0), -offset, axis=0)
+  gathered = [tf.roll(context.all_gather(tf.identity(t), axis=0), -offset,
+                      axis=0)
               for t in (p_v, items, tf.cast(category, tf.int64))]
   return (*gathered, tf.cast(tf.reduce_sum(sizes), tf.float32),
           float(context.num_replicas_in_sync))

@@ -27,8 +27,13 @@ HEADLINE = ("recall@20", "ndcg@20", "hr@20", "recall@50", "recall@100",
 
 def run(prep: pipeline.Prepared, tower: TowerConfig,
         loss: LossConfig, train: TrainConfig,
-        variants: tuple[str, ...], model_dir: str):
+        variants: tuple[str, ...], model_dir: str,
+        backup_root: str | None = None):
   """Trains/evaluates `variants`; returns (metrics, results, built models).
+
+  `backup_root`: the run directory whose `variants/<name>/backup/` hold
+  the training backups (default `model_dir`; a non-chief worker of a
+  cluster trains in a private `model_dir` and restores from the chief's).
 
   With `train.refit`, dat is also retrained on training plus validation
   events ("dat_refit", with "popularity_refit" beside it).
@@ -48,10 +53,12 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
     built[name], results[name] = trainer.train_variant(
         name, prep, tower_cfg, loss_cfg, train,
         os.path.join(model_dir, "variants", name),
-        os.path.join(model_dir, "tensorboard", name))
+        os.path.join(model_dir, "tensorboard", name),
+        backup_dir=_backup(backup_root or model_dir, name))
     metrics[name] = results[name]["test"]
   if train.refit and "dat" in results:
-    _refit(prep, tower, loss, train, model_dir, metrics, results, built)
+    _refit(prep, tower, loss, train, model_dir, metrics, results, built,
+           backup_root or model_dir)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   logging.info("Test metrics (full corpus, %d users, split %s)\n%s",
@@ -60,7 +67,12 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   return metrics, results, built
 
 
-def _refit(prep, tower, loss, train, model_dir, metrics, results, built):
+def _backup(root: str, name: str) -> str:
+  return os.path.join(root, "variants", name, "backup")
+
+
+def _refit(prep, tower, loss, train, model_dir, metrics, results, built,
+           backup_root):
   """dat retrained on training plus validation events for the epochs that
   validation chose: the model a user deploys (and exports). Popularity
   gets the same events, so the two compare under one protocol."""
@@ -74,7 +86,8 @@ def _refit(prep, tower, loss, train, model_dir, metrics, results, built):
       name, view, tower_cfg, loss_cfg, train,
       os.path.join(model_dir, "variants", name),
       os.path.join(model_dir, "tensorboard", name),
-      refit_epochs=results["dat"]["best_epoch"])
+      refit_epochs=results["dat"]["best_epoch"],
+      backup_dir=_backup(backup_root, name))
   metrics[name] = results[name]["test"]
 
 

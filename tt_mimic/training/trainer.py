@@ -110,6 +110,12 @@ def strategy(kind: str) -> tf.distribute.Strategy:
   return _STRATEGIES[kind]
 
 
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run: always, except for the non-chief
+  workers of a multi-worker cluster (TF_CONFIG)."""
+  return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or infinite during training."""
 
@@ -169,12 +175,17 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
 def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
                   loss_config: LossConfig, config: TrainConfig,
                   directory: str, tensorboard_dir: str | None = None,
-                  refit_epochs: int = 0) -> tuple[Built, dict]:
+                  refit_epochs: int = 0,
+                  backup_dir: str | None = None) -> tuple[Built, dict]:
   """Trains (or resumes, or reloads) one variant and evaluates it on test.
 
   With `refit_epochs`, trains exactly that many epochs without validation
   (a refit on training plus validation events: `prep` is then
   `pipeline.refit_view`'s) and keeps the last weights as the best.
+
+  `backup_dir` (default `<directory>/backup`) holds the BackupAndRestore
+  checkpoints: a non-chief worker of a cluster passes the chief's, from
+  which every worker restores.
 
   Returns:
     The built model holding the best weights, and its result dict with
@@ -208,7 +219,7 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
     with open(result_path) as f:
       result = json.load(f)
   else:
-    backup_dir = os.path.join(directory, "backup")
+    backup_dir = backup_dir or os.path.join(directory, "backup")
     first_epoch = resumed_epoch(backup_dir)
     dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                                      prep.feature_config.history_length,
