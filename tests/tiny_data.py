@@ -374,7 +374,7 @@ def write_rows(path, header, rows, compress: bool = False,
     The path, as a str.
   """
   text = io.StringIO()
-  writer = csv.writer(text)  # "\r\n" ends rows; cells with \r or \n are quoted
+  writer = csv.writer(text)  # rows end in \r\n; cells with \r or \n quoted
   writer.writerow(header)
   for row in rows:
     writer.writerow([c.decode("utf-8", "surrogateescape")

@@ -6,9 +6,9 @@ cells, a repeated header column); then a property-based fuzz test writes
 arbitrary cells and bytes as books/users files.
 """
 
+import csv
 import gzip
 import io
-import csv
 import json
 import os
 import subprocess
@@ -28,7 +28,6 @@ from tt_mimic.data import ingest
 from tt_mimic.data import reader
 
 BOOKS, EVENTS = ingest.BOOK_COLUMNS, ingest.EVENT_COLUMNS
-T0 = tiny_data.BASE_MS
 
 
 def _book(asin, title=None, categories='["Books"]'):
@@ -295,10 +294,11 @@ def _records(rows, width):
       total += 1
     else:
       text = io.StringIO()
-      csv.writer(text, lineterminator="\n").writerow(
+      csv.writer(text).writerow(  # as tiny_data.write_rows writes it
           [c.decode("utf-8", "surrogateescape") if isinstance(c, bytes)
            else c for c in row])
-      total += reader._lines(text.getvalue()[:-1])  # pylint: disable=protected-access
+      line = text.getvalue()[:-2]  # without its "\r\n"
+      total += reader._lines(line)  # pylint: disable=protected-access
   return total
 
 
