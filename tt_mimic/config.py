@@ -199,6 +199,12 @@ class TrainConfig(_Checked):
                             "local GPUs; multi_worker = MultiWorkerMirrored"
                             "Strategy with the cluster in TF_CONFIG.",
                             choices=("none", "mirrored", "multi_worker"))
+  precision: str = setting(
+      "float32", "Compute dtype of the towers' MLPs in training: "
+      "mixed_float16 (GPUs; with loss scaling) or mixed_bfloat16 (recent "
+      "GPUs and CPUs). Variables, embeddings, the L2 normalization, the "
+      "softmax and every loss stay float32; serving computes in float32.",
+      choices=("float32", "mixed_float16", "mixed_bfloat16"))
   refit: bool = setting(True, "After validation has chosen the epochs, "
                         "retrain dat on training plus validation events for "
                         "that many epochs; that model (dat_refit) is exported.")

@@ -75,16 +75,28 @@ class DATModel(tfrs.Model):
     return list(self.trackers.values())
 
   def train_step(self, inputs):
-    """TFRS's step; the losses it logs become epoch means, like the terms.
+    """TFRS's step (loss + regularization, gradients, update), with the
+    logged losses as epoch means like the terms, and loss scaling when the
+    optimizer is a LossScaleOptimizer (--precision=mixed_float16).
 
     TFRS returns the last batch's loss, regularization loss and total, so
     the epoch series in TensorBoard were one (often partial) batch's values.
     """
-    logs = super().train_step(inputs)
-    self.trackers["regularization_loss"].update_state(
-        logs["regularization_loss"])
-    logs["loss"] = self.trackers["loss"].result()
-    logs["regularization_loss"] = self.trackers["regularization_loss"].result()
+    scaling = isinstance(self.optimizer,
+                         tf.keras.mixed_precision.LossScaleOptimizer)
+    with tf.GradientTape() as tape:
+      loss = self.compute_loss(inputs, training=True)
+      regularization_loss = tf.reduce_sum(
+          [tf.reduce_sum(term) for term in self.losses])
+      total_loss = loss + regularization_loss
+      scaled = (self.optimizer.get_scaled_loss(total_loss) if scaling
+                else total_loss)
+    gradients = tape.gradient(scaled, self.trainable_variables)
+    if scaling:
+      gradients = self.optimizer.get_unscaled_gradients(gradients)
+    self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+    self.trackers["regularization_loss"].update_state(regularization_loss)
+    logs = {metric.name: metric.result() for metric in self.metrics}
     logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
     return logs
 

@@ -22,16 +22,19 @@ def _embedding(rows: int, dim: int, name: str) -> tf.keras.layers.Embedding:
       embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
 
 
-def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
+def _mlp(config: TowerConfig, name: str,
+         dtype: str | None = None) -> tf.keras.Sequential:
+  """The tower's MLP; `dtype` a Keras policy name for its Dense layers (e.g.
+  "mixed_float16": float16 compute, float32 variables)."""
   layers = []
   for units in config.hidden_units:
-    layers.append(tf.keras.layers.Dense(units, activation="relu"))
+    layers.append(tf.keras.layers.Dense(units, activation="relu", dtype=dtype))
     if config.dropout:
       # A tf.random.Generator (force_generator) rather than a stateful op:
       # its state is a variable, saved and restored with the checkpoint.
       layers.append(tf.keras.layers.Dropout(config.dropout,
                                             force_generator=True))
-  layers.append(tf.keras.layers.Dense(config.output_dim))
+  layers.append(tf.keras.layers.Dense(config.output_dim, dtype=dtype))
   return tf.keras.Sequential(layers, name=name)
 
 
@@ -95,7 +98,9 @@ class ItemTower(tf.keras.Model):
   """
 
   def __init__(self, sizes: dict, config: TowerConfig,
-               metadata: ItemFeatureEmbedding, **kwargs):
+               metadata: ItemFeatureEmbedding, mlp_dtype: str | None = None,
+               **kwargs):
+    """`mlp_dtype`: the Keras dtype policy of the MLP (default float32)."""
     super().__init__(**kwargs)
     self.config = config
     # ID-only towers are the id embedding itself, as wide as the output.
@@ -109,7 +114,7 @@ class ItemTower(tf.keras.Model):
     self.metadata = metadata
     self.augmented = (_embedding(sizes["items"] + 1, config.output_dim, "a_v")
                       if config.use_amm else None)
-    self.mlp = _mlp(config, "item_mlp")
+    self.mlp = _mlp(config, "item_mlp", mlp_dtype)
 
   def call(self, features, training=False):
     ids = features["id"]
@@ -124,7 +129,7 @@ class ItemTower(tf.keras.Model):
       augmented = self.augmented(ids)
       parts.append(augmented)
     output = self.mlp(tf.concat(parts, axis=-1), training=training)
-    return tf.math.l2_normalize(output, axis=-1), augmented
+    return tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1), augmented
 
 
 def pool_history(embed, history: tf.Tensor,
@@ -185,12 +190,14 @@ class UserTower(tf.keras.Model):
   def __init__(self, sizes: dict, config: TowerConfig, item_table: dict,
                metadata: ItemFeatureEmbedding,
                item_id: tf.keras.layers.Embedding | None = None,
-               rng: tf.random.Generator | None = None, **kwargs):
+               rng: tf.random.Generator | None = None,
+               mlp_dtype: str | None = None, **kwargs):
     """`item_id`: the item tower's id embedding, used for the history books
     when `config.share_item_embedding` (else the tower has its own).
     `rng`: the generator of the training-time dropouts of ids and histories
     (a new one seeded 0 if None). Its state is a variable, so a checkpoint
-    holds it and a resumed run draws what an uninterrupted one would."""
+    holds it and a resumed run draws what an uninterrupted one would.
+    `mlp_dtype`: the Keras dtype policy of the MLP (default float32)."""
     super().__init__(**kwargs)
     self.config = config
     self.rng = rng if rng is not None else tf.random.Generator.from_seed(0)
@@ -213,7 +220,7 @@ class UserTower(tf.keras.Model):
     self.metadata = metadata
     self.augmented = (_embedding(sizes["users"] + 1, config.output_dim, "a_u")
                       if config.use_amm else None)
-    self.mlp = _mlp(config, "user_mlp")
+    self.mlp = _mlp(config, "user_mlp", mlp_dtype)
 
   def call(self, features, training=False):
     user = own = tf.cast(features["user_id"], tf.int64)
@@ -242,7 +249,7 @@ class UserTower(tf.keras.Model):
       # unseen users, not to move their mimic updates to the unknown row.
       augmented = self.augmented(own)
     output = self.mlp(tf.concat(parts, axis=-1), training=training)
-    return tf.math.l2_normalize(output, axis=-1), augmented
+    return tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1), augmented
 
   def embed_books(self, items: tf.Tensor) -> tf.Tensor:
     """[n] corpus item indices -> [n, 4 * embedding_dim] history features."""

@@ -315,23 +315,25 @@ def variant_configs(name: str, tower: TowerConfig,
 
 
 def build(prep: Prepared, tower_config: TowerConfig,
-          loss_config: LossConfig, seed: int = 0) -> Built:
+          loss_config: LossConfig, seed: int = 0,
+          precision: str = "float32") -> Built:
   """The towers and the DAT model for one variant.
 
   `seed` seeds the generator of every training-time random draw (id and
   history dropout, sampled negatives); its state is checkpointed with the
-  weights.
+  weights. `precision` is the towers' MLP dtype policy (TrainConfig's);
+  the weights are float32 whatever it is, so any build loads them.
   """
   sizes = prep.vocab.sizes()
   table = towers.make_item_table(prep.item_table)
   metadata = towers.ItemFeatureEmbedding(sizes, tower_config.embedding_dim,
                                          name="item_metadata")
   item_tower = towers.ItemTower(sizes, tower_config, metadata,
-                                name="item_tower")
+                                mlp_dtype=precision, name="item_tower")
   user_tower = towers.UserTower(sizes, tower_config, table, metadata,
                                 item_id=item_tower.item_id,
                                 rng=tf.random.Generator.from_seed(seed),
-                                name="user_tower")
+                                mlp_dtype=precision, name="user_tower")
   encoder = model_lib.ItemIndexEncoder(item_tower, table, name="item_encoder")
   model = model_lib.DATModel(user_tower, encoder, prep.item_probability,
                              loss_config)

@@ -76,16 +76,18 @@ def make_optimizer(config: TrainConfig,
   else:
     raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; expected "
                      "constant or cosine.")
-  if config.optimizer == "adam":
-    return tf.keras.optimizers.Adam(lr)
-  if config.optimizer == "lazy_adam":
-    return LazyAdam(lr)
-  if config.optimizer == "adagrad":
-    return tf.keras.optimizers.Adagrad(lr)
-  if config.optimizer == "adamw":
-    return tf.keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
-  raise ValueError(f"Unknown optimizer {config.optimizer!r}; expected adam, "
-                   "adagrad or adamw.")
+  optimizer = {
+      "adam": lambda: tf.keras.optimizers.Adam(lr),
+      "lazy_adam": lambda: LazyAdam(lr),
+      "adagrad": lambda: tf.keras.optimizers.Adagrad(lr),
+      "adamw": lambda: tf.keras.optimizers.AdamW(
+          lr, weight_decay=config.weight_decay),
+  }[config.optimizer]()
+  if config.precision == "mixed_float16":
+    # float16 gradients underflow without loss scaling (DATModel.train_step
+    # scales the loss and unscales the gradients).
+    optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer
 
 
 _STRATEGIES = {}
@@ -204,7 +206,8 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
   tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
   tf.keras.utils.set_random_seed(config.seed)
   with strategy(config.distribute).scope():
-    built = pipeline.build(prep, tower_config, loss_config, config.seed)
+    built = pipeline.build(prep, tower_config, loss_config, config.seed,
+                           config.precision)
     steps = -(-len(prep.sequence) // config.batch_size)
     built.model.compile(optimizer=make_optimizer(config, steps))
     pipeline.create_variables(built, prep)
