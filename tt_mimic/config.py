@@ -75,9 +75,21 @@ class _Checked:
 @dataclasses.dataclass(frozen=True)
 class IngestConfig(_Checked):
   """What to read and how to filter and split it."""
-  books_csv: str = setting("data/books.csv", "books.csv or books.csv.gz.")
-  users_csv: str = setting("data/users.csv",
-                           "users.csv or users.csv.gz (the events).")
+  books_csv: str = setting("data/books.csv", "Books: books.csv, or the "
+                           "Amazon release's meta_Books.jsonl (either may be "
+                           "gzipped).")
+  users_csv: str = setting("data/users.csv", "Events: users.csv, or the "
+                           "Amazon release's Books.jsonl reviews (either may "
+                           "be gzipped).")
+  input_format: str = setting("auto", "Format of --books_csv and "
+                              "--users_csv: auto = by each file's name "
+                              "(.jsonl, .json, .ndjson, optionally .gz: "
+                              "JSON Lines; anything else: CSV).",
+                              choices=("auto", "csv", "jsonl"))
+  min_rating: float = setting(0.0, "Keep only events rated at least this "
+                              "(0 = keep all); needs ratings in the users "
+                              "file (a rating column or JSON field).",
+                              lower=0.0)
   books_limit: int = setting(2_000_000, "First N valid books (0 = all).",
                              lower=0)
   interactions_limit: int = setting(200_000,
@@ -231,6 +243,11 @@ class ExportConfig(_Checked):
                                         "corpus size).", lower=0)
   scann_reorder: int = setting(0, "ScaNN exact reordering candidates (0 = "
                                "from corpus size).", lower=0)
+  scann_min_recall: float = setting(
+      0.95, "Least top-k agreement with brute force (on a sample of the "
+      "run's users) the ScaNN index must reach: with automatic settings, the "
+      "searched leaves are doubled until it does (0 = build once).",
+      lower=0.0, upper=1.0)
   recommend_k: int = setting(10, "Recommendations printed after training.",
                              lower=0)
 

@@ -162,3 +162,37 @@ def test_fresh_process_loads_every_index(processes, users):
     assert all(out[name]["first"])
   assert out["query"]["embedding"] == [4, 8]
   assert out["known"] == [True, True, True, False]
+
+
+def _clustered(n, dim=16, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(max(1, n // 50), dim))
+  x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(
+      size=(n, dim))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_scann_searches_more_leaves_until_it_agrees_with_brute_force(fixed):
+  from tt_mimic.config import ExportConfig  # pylint: disable=g-import-not-at-top
+  import tensorflow_recommenders as tfrs  # pylint: disable=g-import-not-at-top
+  data = _clustered(4300)
+  vectors, queries = tf.constant(data[:4000]), tf.constant(data[4000:])
+  ids = tf.constant(np.arange(4000).astype(str))
+  k, retrieve = 50, 60
+  brute = tfrs.layers.factorized_top_k.BruteForce(k=retrieve)
+  brute.index(vectors, ids)
+  config = ExportConfig(k=k, scann_min_recall=0.95,
+                        scann_leaves_to_search=1 if fixed else 0)
+  params = {"num_leaves": 64, "num_leaves_to_search": 1,
+            "num_reordering_candidates": 200}
+  _, tuning = export._tuned_scann(  # pylint: disable=protected-access
+      vectors, ids, queries, params, k, retrieve, brute, config)
+  searched = [t["params"]["num_leaves_to_search"] for t in tuning]
+  agreements = [t["agreement_at_k"] for t in tuning]
+  if fixed:  # settings given by the user are built once, as given
+    assert searched == [1] and agreements[0] < 0.95
+    return
+  assert searched == [2 ** i for i in range(len(searched))]
+  assert len(searched) > 2 and agreements[-1] >= 0.95
+  assert all(a < 0.95 for a in agreements[:-1])

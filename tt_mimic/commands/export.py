@@ -15,7 +15,7 @@ from tt_mimic.serving import export
 from tt_mimic.training import pipeline
 
 _EXPORT_FLAGS = ("export_k", "max_exclusions", "scann_num_leaves",
-                 "scann_leaves_to_search", "scann_reorder")
+                 "scann_leaves_to_search", "scann_reorder", "scann_min_recall")
 
 
 def main(argv):

@@ -235,23 +235,51 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
     logging.warning("scann is not importable; index_scann is not exported.")
     return info
   params = scann_params(n, dataclasses.replace(config, k=k))
-  start = time.monotonic()
-  logging.info("Building the ScaNN index over %d books (%s) ...", n, params)
-  scann_layer = tfrs.layers.factorized_top_k.ScaNN(
-      k=retrieve, distance_measure="dot_product", **params)
-  scann_layer.index(vectors, ids)
-  info["scann_build_seconds"] = round(time.monotonic() - start, 2)
-  logging.info("Built the ScaNN index in %.1f s", info["scann_build_seconds"])
+  queries = vectors if queries is None else tf.constant(queries, tf.float32)
+  scann_layer, info["scann_tuning"] = _tuned_scann(vectors, ids, queries,
+                                                   params, k, retrieve, brute,
+                                                   config)
+  info["scann"] = info["scann_tuning"][-1]["params"]
+  info["scann_agreement_at_k"] = info["scann_tuning"][-1]["agreement_at_k"]
+  info["scann_build_seconds"] = round(sum(
+      t["build_seconds"] for t in info["scann_tuning"]), 2)
   scann_module = IndexModule(query, scann_layer, pop_ids, pop_scores, k,
                              retrieve)
   _save(scann_module, os.path.join(directory, "index_scann"),
         SCANN_SAVE_OPTIONS)
-  info["scann"] = params
-  queries = vectors if queries is None else tf.constant(queries, tf.float32)
-  info["scann_agreement_at_k"] = agreement(queries, brute, scann_layer, k)
-  logging.info("ScaNN %s: top-%d agreement with brute force %.4f", params, k,
-               info["scann_agreement_at_k"])
   return info
+
+
+def _tuned_scann(vectors, ids, queries, params, k, retrieve, brute, config):
+  """Builds ScaNN with `params`; while its top-k agreement with brute force
+  on `queries` is below `config.scann_min_recall` and the searched leaves
+  were chosen automatically, doubles them and rebuilds.
+
+  Returns the layer and one record per build (params, agreement, seconds).
+  """
+  tuning = []
+  while True:
+    start = time.monotonic()
+    logging.info("Building the ScaNN index over %d books (%s) ...",
+                 int(vectors.shape[0]), params)
+    layer = tfrs.layers.factorized_top_k.ScaNN(
+        k=retrieve, distance_measure="dot_product", **params)
+    layer.index(vectors, ids)
+    seconds = time.monotonic() - start
+    value = agreement(queries, brute, layer, k)
+    tuning.append({"params": dict(params), "agreement_at_k": value,
+                   "build_seconds": round(seconds, 2)})
+    logging.info("ScaNN built in %.1f s; top-%d agreement with brute force "
+                 "%.4f (at least %.2f wanted)", seconds, k, value,
+                 config.scann_min_recall)
+    search, leaves = params["num_leaves_to_search"], params["num_leaves"]
+    if (value >= config.scann_min_recall or config.scann_leaves_to_search
+        or search >= leaves):
+      if value < config.scann_min_recall:
+        logging.warning("ScaNN agreement %.4f stays below %.2f with %s.",
+                        value, config.scann_min_recall, params)
+      return layer, tuning
+    params = {**params, "num_leaves_to_search": min(leaves, 2 * search)}
 
 
 def agreement(vectors, exact, approximate, k, sample: int = 1000) -> float:
