@@ -385,3 +385,65 @@ def write_rows(path, header, rows, compress: bool = False,
   with open(path, "wb") as f:
     f.write(data[:len(data) - truncate])
   return str(path)
+
+
+# ------------------------------------------- the Amazon release's JSONL
+
+
+def write_jsonl(dataset: TinyDataset, directory, compress: bool = False,
+                rating=None) -> tuple[str, str]:
+  """Writes `dataset` as the Amazon Reviews 2023 release's two JSONL files.
+
+  `meta_Books.jsonl` holds the books with the release's types (title a
+  string, author {"name": ...} or null when empty, numbers as numbers,
+  price "$x.xx" or null, categories a list) and fields the ingest ignores;
+  `Books.jsonl` one review per event, with the review fields. Ingested,
+  they give what `dataset`'s CSVs give.
+
+  Args:
+    dataset: a written `TinyDataset`.
+    directory: where to write.
+    compress: gzip both files (names end in .jsonl.gz).
+    rating: None (5.0 for every review) or a function of the event's row
+      number giving its rating (None: no rating field).
+
+  Returns:
+    (meta path, reviews path), as str.
+  """
+  def number(text, kind):
+    return kind(text) if text else None
+
+  meta, reviews = [], []
+  for r in dataset.books.itertuples():
+    meta.append({
+        "main_category": "Books", "title": json.loads(r.title)[0],
+        "subtitle": "Paperback", "author": ({"name": r.author, "about": []}
+                                            if r.author else None),
+        "average_rating": number(r.average_rating, float),
+        "rating_number": number(r.rating_number, int),
+        "features": [], "description": [],
+        "price": f"${r.price}" if r.price else None,
+        "images": [], "videos": [], "store": None,
+        "categories": json.loads(r.categories),
+        "details": {"Language": "English"}, "parent_asin": r.parent_asin,
+        "bought_together": None})
+  for i, r in enumerate(dataset.events.itertuples()):
+    review = {"title": "A review", "text": "Words, \"quoted\".",
+              "images": [], "asin": r.parent_asin,
+              "parent_asin": r.parent_asin, "user_id": r.userId,
+              "timestamp": int(r.timestamp), "helpful_vote": i % 3,
+              "verified_purchase": bool(i % 2)}
+    value = 5.0 if rating is None else rating(i)
+    if value is not None:
+      review = {"rating": value, **review}
+    reviews.append(review)
+  paths = []
+  for name, records in (("meta_Books", meta), ("Books", reviews)):
+    data = "".join(json.dumps(x) + "\n" for x in records).encode()
+    path = os.path.join(str(directory), name + ".jsonl")
+    if compress:
+      data, path = gzip.compress(data, mtime=0), path + ".gz"
+    with open(path, "wb") as f:
+      f.write(data)
+    paths.append(path)
+  return paths[0], paths[1]

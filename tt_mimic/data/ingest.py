@@ -1,11 +1,17 @@
-"""CSV -> validated, deduplicated, pruned, split and indexed artifacts.
+"""Input files -> validated, deduplicated, pruned, split and indexed artifacts.
+
+The inputs are CSVs in the project's schema or the official Amazon Reviews
+2023 JSONL files (`Books.jsonl`, `meta_Books.jsonl`, plain or gzipped), by
+file name (`input_format`): both read into the same text columns (see
+`reader` and `jsonl`), and everything after that is shared.
 
 The stage order is fixed and every row that leaves is counted by reason:
 
   books:  read (malformed_row, field_too_large, invalid_utf8: see `reader`)
           -> missing parent_asin -> duplicate parent_asin -> books_limit
   events: read (as books) -> missing/invalid fields -> timestamps before
-          MIN_TIMESTAMP_MS or in the future -> duplicate (user, book) pair
+          MIN_TIMESTAMP_MS or in the future -> rating missing or below
+          min_rating (when set) -> duplicate (user, book) pair
           -> book unknown to books.csv -> interactions_limit -> k-core
           -> split (leave-last-out or temporal cut-off)
 
@@ -39,12 +45,16 @@ import numpy as np
 import pandas as pd
 
 from tt_mimic.config import IngestConfig
+from tt_mimic.data import jsonl
 from tt_mimic.data import parsing
 from tt_mimic.data import reader
 
 BOOK_COLUMNS = ("parent_asin", "title", "author", "average_rating",
                 "rating_number", "price", "categories")
 EVENT_COLUMNS = ("parent_asin", "userId", "timestamp")
+RATING = "rating"  # optional events column (a JSONL review's rating)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson",
+                  ".ndjson.gz")
 NUMERIC_COLUMNS = ("average_rating", "rating_number", "price")
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
 ARTIFACT_VERSION = "2"
@@ -65,7 +75,8 @@ class Ingested:
       categories (list of str), train_count.
     users: array of userId strings; row i has user index i + 1.
     events: DataFrame sorted by (user, timestamp, item): user (int32),
-      item (int32 corpus index), timestamp (int64 ms), split (int8).
+      item (int32 corpus index), timestamp (int64 ms), split (int8), and
+      rating (float32, NaN = missing) when the users file has ratings.
     report: dict of counts (see `Report`).
     directory: where the artifacts are stored (None until saved).
   """
@@ -106,10 +117,24 @@ class Report:
           f"{json.dumps(self.data['events']['dropped'])}.")
 
 
-def _read(path: str, columns: tuple[str, ...], what: str, table: str,
+def input_format(config: IngestConfig, path: str) -> str:
+  """"csv" or "jsonl": `config.input_format`, or by the file's name."""
+  if config.input_format != "auto":
+    return config.input_format
+  return "jsonl" if path.lower().endswith(JSONL_SUFFIXES) else "csv"
+
+
+def _read(config: IngestConfig, path: str, what: str, table: str,
           keys: tuple[str, ...], report: Report) -> pd.DataFrame:
-  """reader.read_csv, with its rows read, dropped and repaired counted."""
-  result = reader.read_csv(path, columns, what, keys)
+  """Reads a CSV or JSONL file, with its rows read, dropped, repaired counted."""
+  if input_format(config, path) == "jsonl":
+    columns = jsonl.BOOK_COLUMNS if table == "books" else jsonl.EVENT_COLUMNS
+    optional = {} if table == "books" else {RATING: jsonl.RATING}
+    result = jsonl.read_jsonl(path, columns, what, keys, optional)
+  else:
+    columns = BOOK_COLUMNS if table == "books" else EVENT_COLUMNS
+    optional = () if table == "books" else (RATING,)
+    result = reader.read_csv(path, columns, what, keys, optional)
   report.data[table]["read"] = len(result.frame) + sum(
       result.dropped.values())
   for reason, count in result.dropped.items():
@@ -122,9 +147,9 @@ def _read(path: str, columns: tuple[str, ...], what: str, table: str,
 
 
 def read_books(config: IngestConfig, report: Report) -> pd.DataFrame:
-  """Reads, validates and parses books.csv; drops are counted in `report`."""
-  books = _read(config.books_csv, BOOK_COLUMNS, "books", "books",
-                ("parent_asin",), report)
+  """Reads, validates and parses the books file; drops counted in `report`."""
+  books = _read(config, config.books_csv, "books", "books", ("parent_asin",),
+                report)
   asin = books["parent_asin"].str.strip()
   empty = asin == ""
   report.drop("books", "missing_parent_asin", empty.sum())
@@ -156,9 +181,10 @@ def _categorical(values: pd.Series) -> pd.Categorical:
 
 def read_events(config: IngestConfig, known_books: pd.Index,
                 report: Report) -> pd.DataFrame:
-  """Reads users.csv, counts and drops bad, duplicate and unknown events."""
-  events = _read(config.users_csv, EVENT_COLUMNS, "users", "events",
-                 EVENT_COLUMNS, report)
+  """Reads the users file; counts and drops bad, duplicate, unknown events."""
+  events = _read(config, config.users_csv, "users", "events", EVENT_COLUMNS,
+                 report)
+  rating = _ratings(events, config, report)
   events = events.assign(parent_asin=events["parent_asin"].str.strip(),
                          userId=events["userId"].str.strip())
   ts = pd.to_numeric(events["timestamp"].str.strip(), errors="coerce")
@@ -172,16 +198,21 @@ def read_events(config: IngestConfig, known_books: pd.Index,
       ("missing_parent_asin", (events["parent_asin"] == "").to_numpy()),
       ("invalid_timestamp", invalid),
       ("timestamp_before_1973", ~invalid & (ts < MIN_TIMESTAMP_MS)),
-      ("timestamp_in_future", ~invalid & (ts > now_ms))):
+      ("timestamp_in_future", ~invalid & (ts > now_ms)),
+      ("missing_rating", np.isnan(rating) & (config.min_rating > 0)),
+      ("below_min_rating", rating < config.min_rating)):
     mask = mask & ~bad  # each row counts under its first reason
     report.drop("events", reason, mask.sum())
     bad |= mask
-  events, ts = events[~bad], ts[~bad]
+  events, ts, rating = events[~bad], ts[~bad], rating[~bad]
   # Ids become categorical right away: integer codes plus one copy of each
   # distinct string, which keeps dedupe, joins and k-core integer work.
-  events = pd.DataFrame({"userId": _categorical(events["userId"]),
-                         "parent_asin": _categorical(events["parent_asin"]),
-                         "timestamp": ts.astype(np.int64)})
+  columns = {"userId": _categorical(events["userId"]),
+             "parent_asin": _categorical(events["parent_asin"]),
+             "timestamp": ts.astype(np.int64)}
+  if RATING in events:
+    columns[RATING] = rating.astype(np.float32)
+  events = pd.DataFrame(columns)
   report.stage("valid", events)
   # One interaction per (user, book): the earliest; ties by file order.
   order = np.lexsort((np.arange(len(events)), events["timestamp"].to_numpy()))
@@ -200,6 +231,24 @@ def read_events(config: IngestConfig, known_books: pd.Index,
     events = events.iloc[:config.interactions_limit]
     report.stage("interactions_limit", events)
   return events.reset_index(drop=True)
+
+
+def _ratings(events: pd.DataFrame, config: IngestConfig,
+             report: Report) -> np.ndarray:
+  """The events' ratings (NaN = missing or invalid; all NaN without any).
+
+  Raises:
+    IngestError: --min_rating is set and the file has no ratings.
+  """
+  if RATING not in events:
+    if config.min_rating > 0:
+      raise IngestError(
+          f"--min_rating={config.min_rating} needs ratings, and users file "
+          f"{config.users_csv} has none (a 'rating' column or JSON field).")
+    return np.full(len(events), np.nan)
+  values, invalid = parsing.parse_nonnegative(events[RATING])
+  report.data["invalid_values"][RATING] = invalid
+  return values
 
 
 def _check_milliseconds(ts: np.ndarray, path: str) -> None:
@@ -290,9 +339,11 @@ def index(books: pd.DataFrame, events: pd.DataFrame,
   frame = pd.DataFrame({"user": user_codes.astype(np.int32) + 1,
                         "item": item_codes.astype(np.int32) + 1,
                         "timestamp": events["timestamp"].to_numpy()})
+  if RATING in events:
+    frame[RATING] = events[RATING].to_numpy()
   frame = frame.sort_values(["user", "timestamp", "item"], kind="stable")
   frame = frame.reset_index(drop=True)
-  frame["split"] = assign_split(frame, config)
+  frame.insert(3, "split", assign_split(frame, config))
   items = books.set_index("parent_asin").loc[np.asarray(asins)].reset_index()
   train = frame[frame["split"] == SPLIT_TRAIN]
   counts = np.bincount(train["item"], minlength=len(items) + 1)[1:]

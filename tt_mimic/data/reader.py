@@ -49,14 +49,14 @@ FIELD_LIMIT = 131_072  # bytes; Python csv's default field_size_limit
 _BLOCK_SIZE = 8 << 20  # pyarrow's block: rows longer than this fall back
 _PARSE_LIMIT = 64 << 20  # the Python reader's field limit (bounds memory)
 _CHUNK_ROWS = 1 << 18  # rows per Arrow chunk on the Python path
-_GZIP_ERRORS = (EOFError, OSError, zlib.error)
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
 
 
 class IngestError(ValueError):
   """Input that cannot be turned into a training set, with the reason."""
 
 
-def _unreadable(what: str, path: str, gz: bool, error: Exception):
+def unreadable(what: str, path: str, gz: bool, error: Exception):
   """The IngestError for an OSError/EOFError while reading the file."""
   if gz:
     return IngestError(f"Cannot read {what} file {path}: its gzip stream is "
@@ -78,24 +78,26 @@ class ReadResult:
   repaired: dict
 
 
-def _is_gzip(path: str) -> bool:
+def is_gzip(path: str) -> bool:
+  """Whether the file starts with the gzip magic bytes."""
   with open(path, "rb") as f:
     return f.read(2) == b"\x1f\x8b"
 
 
-def _open_binary(path: str, gz: bool):
+def open_binary(path: str, gz: bool):
+  """The file's bytes, decompressed when `gz`."""
   return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def _header(path: str, gz: bool, what: str) -> list[str]:
   """The stripped column names of the first CSV record."""
   try:
-    with _open_binary(path, gz) as raw:
+    with open_binary(path, gz) as raw:
       text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace",
                               newline="")
       row = next(csv.reader(text), None)
-  except _GZIP_ERRORS as e:
-    raise _unreadable(what, path, gz, e) from None
+  except GZIP_ERRORS as e:
+    raise unreadable(what, path, gz, e) from None
   except csv.Error as e:
     raise IngestError(f"Cannot read the header of {what} file {path}: "
                       f"{e}") from None
@@ -187,7 +189,7 @@ def _read_slow(path: str, gz: bool, width: int,
   columns = [[] for _ in positions]
   chunks = [[] for _ in positions]
   dropped = {"malformed_row": 0, "field_too_large": 0}
-  with _open_binary(path, gz) as raw, _field_limit(_PARSE_LIMIT):
+  with open_binary(path, gz) as raw, _field_limit(_PARSE_LIMIT):
     text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape",
                             newline="")
     reader = csv.reader(text)
@@ -244,8 +246,11 @@ def _decodes(value: bytes) -> bool:
     return False
 
 
-def _to_frame(table: pa.Table, names: list[str], keys) -> ReadResult:
-  """Binary columns -> str frame, dropping/repairing by FIELD_LIMIT, UTF-8."""
+def to_frame(table: pa.Table, names: list[str], keys) -> ReadResult:
+  """Binary columns -> str frame, dropping/repairing by FIELD_LIMIT, UTF-8.
+
+  Shared with the JSONL reader (`jsonl`), so both count alike.
+  """
   n = table.num_rows
   too_large = np.zeros(n, dtype=bool)
   for column in table.columns:
@@ -279,7 +284,8 @@ def _to_frame(table: pa.Table, names: list[str], keys) -> ReadResult:
 
 
 def read_csv(path: str, required: tuple[str, ...], what: str,
-             keys: tuple[str, ...] = ()) -> ReadResult:
+             keys: tuple[str, ...] = (),
+             optional: tuple[str, ...] = ()) -> ReadResult:
   """Reads the required columns of a CSV (any order, extras ignored) as text.
 
   Args:
@@ -288,6 +294,8 @@ def read_csv(path: str, required: tuple[str, ...], what: str,
     what: "books" or "users", for the messages.
     keys: required columns in which undecodable bytes drop the row (in the
       others they are replaced by U+FFFD and the row counted as repaired).
+    optional: columns read too when the header has them (after the
+      required ones in the frame; never keys).
 
   Returns:
     A `ReadResult` (see the module docstring for the reasons).
@@ -297,14 +305,15 @@ def read_csv(path: str, required: tuple[str, ...], what: str,
       a truncated or corrupt gzip stream.
   """
   try:
-    gz = _is_gzip(path)
+    gz = is_gzip(path)
   except FileNotFoundError:
     raise IngestError(f"{what} file not found: {path}") from None
   except OSError as e:
-    raise _unreadable(what, path, False, e) from None
+    raise unreadable(what, path, False, e) from None
   names = _header(path, gz, what)
   _check_header(names, required, path, what)
-  positions = [names.index(c) for c in required]
+  columns = list(required) + [c for c in optional if c in names]
+  positions = [names.index(c) for c in columns]
   try:
     table, malformed = _read_fast(path, gz, len(names), positions)
     dropped = {"malformed_row": malformed}
@@ -313,12 +322,12 @@ def read_csv(path: str, required: tuple[str, ...], what: str,
                     "Python's csv module (bad rows are counted).", path, e)
     try:
       table, dropped = _read_slow(path, gz, len(names), positions)
-    except _GZIP_ERRORS as e2:
-      raise _unreadable(what, path, gz, e2) from None
+    except GZIP_ERRORS as e2:
+      raise unreadable(what, path, gz, e2) from None
   except OSError as e:  # pyarrow's gzip errors (truncated, corrupt)
-    raise _unreadable(what, path, gz, e) from None
-  table = table.rename_columns(list(required))
-  result = _to_frame(table, list(required), keys)
+    raise unreadable(what, path, gz, e) from None
+  table = table.rename_columns(columns)
+  result = to_frame(table, columns, keys)
   for reason, count in dropped.items():
     result.dropped[reason] = result.dropped.get(reason, 0) + count
   return result
