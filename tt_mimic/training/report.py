@@ -15,6 +15,7 @@ from tt_mimic.training import evaluation
 from tt_mimic.training import experiment
 from tt_mimic.data import features
 from tt_mimic.training import pipeline
+from tt_mimic.training import plots
 
 
 def _summary(values: np.ndarray) -> str:
@@ -220,6 +221,18 @@ def segments(metrics: dict, k: int = 20) -> list[str]:
   return lines
 
 
+def plot_links(model_dir: str, metrics: dict, results: dict) -> dict:
+  """Writes <model_dir>/plots/*.png (`plots.write`).
+
+  Returns:
+    {plot name: Markdown lines showing it}, with paths relative to
+    model_dir (where report.md is).
+  """
+  written = plots.write(os.path.join(model_dir, "plots"), metrics, results)
+  return {name: [f"![{caption}]({os.path.relpath(path, model_dir)})", ""]
+          for name, (caption, path) in written.items()}
+
+
 def write(model_dir: str, prep: pipeline.Prepared, metrics: dict,
           results: dict, built: dict) -> str:
   """Writes report.md and returns its path."""
@@ -231,7 +244,10 @@ def write(model_dir: str, prep: pipeline.Prepared, metrics: dict,
            f"{prep.test.skipped_no_history}). Full-corpus ranking; each user's "
            "known books (training and validation) are masked.", "",
            "## Test metrics", "",
-           experiment.table(metrics), "", "### All cut-offs", "",
+           experiment.table(metrics), ""]
+  pictures = plot_links(model_dir, metrics, results)
+  lines += pictures.get("test_metrics", [])
+  lines += ["### All cut-offs", "",
            experiment.table(metrics, cols + ["mrr"]), "",
            "## Where each variant hits (test segments)", ""]
   lines += segments(metrics)
@@ -239,6 +255,7 @@ def write(model_dir: str, prep: pipeline.Prepared, metrics: dict,
            f"TensorBoard: `tensorboard --logdir {model_dir}/tensorboard` "
            "(every loss term, learning rate, validation metrics, and the "
            "item embedding projector).", ""]
+  lines += pictures.get("loss", []) + pictures.get("validation", [])
   lines += curves(results)
   lines += ["## Feature correlations (corpus books)", ""]
   lines += feature_correlations(prep) + [""]
