@@ -48,22 +48,26 @@ import json, sys
 import tensorflow as tf
 export, users = sys.argv[1], sys.argv[2].split(",")
 out = {}
-def check(name):
-  model = tf.saved_model.load(f"{export}/{name}")
-  fn = model.signatures["serving_default"]
-  result = fn(user_id=tf.constant(users))
-  out[name] = {
-      "outputs": {k: [list(v.shape), v.dtype.name] for k, v in result.items()},
-      "first": [x.decode() for x in result["parent_asin"].numpy()[0]],
-      "signatures": sorted(model.signatures.keys())}
-check("index_brute_force")
+serving = tf.saved_model.load(f"{export}/serving/1")
+result = serving.signatures["serving_default"](user_id=tf.constant(users))
+out["serving"] = {
+    "outputs": {k: [list(v.shape), v.dtype.name] for k, v in result.items()},
+    "first": [x.decode() for x in result["parent_asin"].numpy()[0]],
+    "signatures": sorted(serving.signatures.keys())}
 out["scann_loaded_before_import"] = "scann" in sys.modules
-import scann  # noqa
-check("index_scann")
-query = tf.saved_model.load(f"{export}/query")
-q = query.signatures["serving_default"](user_id=tf.constant(users))
+q = serving.signatures["query"](user_id=tf.constant(users),
+                                history=tf.fill([len(users), 1], ""))
 out["query"] = {k: list(v.shape) for k, v in q.items()}
 out["known"] = [bool(x) for x in q["known"].numpy()]
+import scann  # noqa
+index = tf.saved_model.load(f"{export}/index_scann")
+result = index.signatures["serving_default"](
+    embedding=q["embedding"], known=q["known"],
+    exclude=tf.fill([len(users), 1], ""))
+out["index_scann"] = {
+    "outputs": {k: [list(v.shape), v.dtype.name] for k, v in result.items()},
+    "first": [x.decode() for x in result["parent_asin"].numpy()[0]],
+    "signatures": sorted(index.signatures.keys())}
 print("RESULT " + json.dumps(out))
 """
 

@@ -121,11 +121,13 @@ def test_catalog_adds_retrievable_books(run, tmp_path, brute_rec):
   assert np.isfinite(embeddings).all()
 
   # Rank of each new book for every user, by the exported towers directly.
-  query = tf.saved_model.load(os.path.join(base_dir, "query"))
+  query = recommend.load_serving(base_dir, 1).signatures["query"]
   user_ids = list(dict.fromkeys(pd.read_parquet(
       os.path.join(base_dir, "seen.parquet"))["userId"]))
-  q = query.signatures["serving_default"](
-      user_id=tf.constant(user_ids))["embedding"].numpy()
+  q = query(user_id=tf.constant(user_ids),
+            history=tf.fill([len(user_ids), 1], ""))["embedding"].numpy()
+  # TensorFlow Serving's layout: the new version's self-contained model.
+  assert sorted(os.listdir(os.path.join(base_dir, "serving"))) == ["1", "2"]
   scores = q @ embeddings.T
   genre_of = {tiny_data.user_id(u): g
               for u, g in enumerate(run.dataset.user_genre)}
@@ -220,7 +222,8 @@ def test_an_interrupted_catalog_leaves_nothing_behind(run, tmp_path,
   # directory of the catalogs before versions.
   versions = os.path.join(base_dir, "versions")
   for leftover in (os.path.join(versions, ".staging-2", "index_scann"),
-                   os.path.join(versions, "2", "index_brute_force"),
+                   os.path.join(versions, "2", "index_scann"),
+                   os.path.join(base_dir, "serving", "2", "variables"),
                    os.path.join(base_dir, ".catalog_staging", "index_scann")):
     os.makedirs(leftover)
   rec = recommend.Recommender(model_dir, index="brute_force")
@@ -238,8 +241,9 @@ def test_an_interrupted_catalog_leaves_nothing_behind(run, tmp_path,
   assert os.listdir(versions) == ["2"]
   assert not os.path.exists(os.path.join(base_dir, ".catalog_staging"))
   assert sorted(os.listdir(os.path.join(versions, "2"))) == [
-      "embeddings.npy", "export.json", "index_brute_force", "index_scann",
-      "items.parquet"]
+      "embeddings.npy", "export.json", "index_scann", "items.parquet"]
+  assert os.path.exists(os.path.join(base_dir, "serving", "2",
+                                     "saved_model.pb"))
   assert recommend.Recommender(model_dir, "brute_force").version == 2
   # A version made from an earlier export is ignored (and removed next).
   with open(os.path.join(base_dir, "export.json")) as f:
@@ -248,7 +252,8 @@ def test_an_interrupted_catalog_leaves_nothing_behind(run, tmp_path,
   with open(os.path.join(base_dir, "export.json"), "w") as f:
     json.dump(info, f)
   assert recommend.current_version(base_dir)[0] == 1
-  assert catalog.clean_stale(base_dir) == [os.path.join(versions, "2")]
+  assert catalog.clean_stale(base_dir) == [
+      os.path.join(versions, "2"), os.path.join(base_dir, "serving", "2")]
 
 
 def test_new_top_category_is_embedded_as_unknown(run):

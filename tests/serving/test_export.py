@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
@@ -33,11 +34,11 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
   def test_query_and_candidate_modules_survive_save_and_load(self):
     prep, built = build()
     data = prep.data
-    history = export.user_histories(data.events, len(data.users),
-                                    prep.feature_config.history_length)
+    seen_items, seen_splits = export.user_seen(data.events, len(data.users))
     query = export.QueryModule(built.user_tower, data.users,
                                data.items["parent_asin"], prep.user_id_index,
-                               history)
+                               seen_items, seen_splits,
+                               prep.feature_config.history_length)
     candidate = export.CandidateModule(prep.preprocessor, built.item_tower,
                                        prep.item_table["id"])
     users = tf.constant([str(u) for u in data.users[:5]] + ["NEW_USER", ""])
@@ -87,7 +88,8 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
     data = prep.data
     query = export.QueryModule(
         built.user_tower, data.users, data.items["parent_asin"],
-        prep.user_id_index, np.zeros((len(data.users) + 1, 0), np.int64))
+        prep.user_id_index, *export.user_seen(data.events, len(data.users)),
+        history_length=0)
     users = tf.constant([str(data.users[0]), "NEW_USER"])
     hist = tf.constant([[data.items["parent_asin"].iloc[3]]] * 2)
     out = query.with_history(users, hist)
@@ -109,9 +111,9 @@ def _signature_defs(path):
 
 @served_run
 def test_named_signatures(run, brute_rec):
-  index = brute_rec.model
-  serving = index.signatures["serving_default"]
-  history = index.signatures["with_history"]
+  serving_model = brute_rec.model
+  serving = serving_model.signatures["serving_default"]
+  history = serving_model.signatures["with_history"]
   assert set(serving.structured_input_signature[1]) == {"user_id"}
   assert set(history.structured_input_signature[1]) == {
       "user_id", "history", "exclude"}
@@ -120,20 +122,69 @@ def test_named_signatures(run, brute_rec):
     assert set(outputs) == {"parent_asin", "scores"}
     assert outputs["parent_asin"].dtype == tf.string
     assert outputs["scores"].dtype == tf.float32
-  for name in ("index_brute_force", "index_scann"):
-    defs = _signature_defs(os.path.join(run.export, name))
-    for signature in ("serving_default", "with_history"):
-      for output in ("parent_asin", "scores"):
-        dims = [d.size for d in
-                defs[signature].outputs[output].tensor_shape.dim]
-        assert dims == [-1, K], (name, signature, output)
-  query = _signature_defs(os.path.join(run.export, "query"))
-  assert set(query["with_history"].inputs) == {"user_id", "history"}
-  assert set(query["serving_default"].outputs) == {"embedding", "known"}
+  defs = _signature_defs(os.path.join(run.export, "serving", "1"))
+  for signature in ("serving_default", "with_history"):
+    for output in ("parent_asin", "scores"):
+      dims = [d.size for d in defs[signature].outputs[output].tensor_shape.dim]
+      assert dims == [-1, K], (signature, output)
+  assert set(defs["query"].inputs) == {"user_id", "history"}
+  assert set(defs["query"].outputs) == {"embedding", "known"}
+  index = _signature_defs(os.path.join(run.export, "index_scann"))
+  assert set(index["serving_default"].inputs) == {"embedding", "known",
+                                                  "exclude"}
+  dims = [d.size for d in
+          index["serving_default"].outputs["parent_asin"].tensor_shape.dim]
+  assert dims == [-1, K]
   candidate = _signature_defs(os.path.join(run.export, "candidate"))
   assert set(candidate["serving_default"].inputs) == {
       "parent_asin", "title", "author", "categories", "average_rating",
       "rating_number", "price"}
+
+
+@served_run
+def test_per_user_state_is_stored_once_as_int32(run, info):
+  """Only the serving model holds per-user tables, int32 books with int64
+  row splits; the ScaNN index holds none."""
+  users = len(pd.read_parquet(os.path.join(run.export, "seen.parquet"))[
+      "userId"].unique())
+
+  def variables(path):
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables",
+                                                   "variables"))
+    return {k: (reader.get_variable_to_dtype_map()[k], tuple(shape))
+            for k, shape in reader.get_variable_to_shape_map().items()}
+
+  serving = variables(os.path.join(run.export, "serving", "1"))
+  # (The user-id embedding and a_u are per-user too: the model's weights.)
+  per_user = {k: v for k, v in serving.items() if v[0].is_integer
+              and v[1] and v[1][0] in (users + 1, users + 2)}
+  assert sorted(v[0].name for v in per_user.values()) == ["int32", "int64"]
+  events = len(pd.read_parquet(os.path.join(run.export, "seen.parquet")))
+  assert any(v == (tf.int32, (events,)) for v in serving.values())
+  index = variables(os.path.join(run.export, "index_scann"))
+  assert not any(v[1] and v[1][0] in (users + 1, users + 2, events)
+                 for v in index.values())
+  assert not os.path.exists(os.path.join(run.export, "query"))
+  assert not os.path.exists(os.path.join(run.export, "index_brute_force"))
+  assert info["per_user_tables"]["known_events"] == events
+  assert set(info["bytes_on_disk"]) >= {"serving", "index_scann"}
+
+
+@served_run
+def test_the_serving_model_alone_answers_as_tt_mimic_serve(run, users,
+                                                           brute_rec):
+  """TensorFlow Serving's request {"instances": [user_id]} reaches
+  serving_default: it must exclude the user's read books inside the model
+  and equal tt_mimic's answer."""
+  model = tf.saved_model.load(os.path.join(run.export, "serving", "1"))
+  out = model.signatures["serving_default"](user_id=tf.constant(users))
+  expected = brute_rec.recommend_batch(users, k=K)
+  for user, row, want in zip(users, out["parent_asin"].numpy(), expected):
+    got = [x.decode() for x in row if x]
+    assert got == [r["parent_asin"] for r in want], user
+    assert not set(got) & set(brute_rec.seen(user))
+  config = open(os.path.join(run.export, "models.config")).read()
+  assert f'base_path: "{os.path.join(os.path.abspath(run.export), "serving")}"' in config
 
 
 @served_run
@@ -155,11 +206,13 @@ def test_fresh_process_loads_every_index(processes, users):
   line = [x for x in r.out.splitlines() if x.startswith("RESULT ")][-1]
   out = json.loads(line[len("RESULT "):])
   assert not out["scann_loaded_before_import"]
-  for name in ("index_brute_force", "index_scann"):
+  for name in ("serving", "index_scann"):
     assert out[name]["outputs"] == {"parent_asin": [[4, K], "string"],
                                     "scores": [[4, K], "float32"]}
-    assert out[name]["signatures"] == ["serving_default", "with_history"]
     assert all(out[name]["first"])
+  assert out["serving"]["signatures"] == ["query", "serving_default",
+                                          "with_history"]
+  assert out["index_scann"]["signatures"] == ["serving_default"]
   assert out["query"]["embedding"] == [4, 8]
   assert out["known"] == [True, True, True, False]
 

@@ -26,8 +26,11 @@ pytestmark = pytest.mark.xdist_group("serving")  # see conftest.py
 
 
 def test_known_user_matches_the_index(run, brute_rec, users):
-  raw = brute_rec.model.signatures["serving_default"](
-      user_id=tf.constant(users[:5]))
+  # with_history with nothing given and nothing excluded: the stored
+  # history, every book (serving_default also excludes the read ones).
+  raw = brute_rec.model.signatures["with_history"](
+      user_id=tf.constant(users[:5]), history=tf.fill([5, 1], ""),
+      exclude=tf.fill([5, 1], ""))
   for i, user in enumerate(users[:5]):
     recs = brute_rec.recommend(user, k=K, exclude_seen=False)
     assert recs.source == recommend.KNOWN_USER

@@ -7,20 +7,24 @@ The CSV (books.csv schema) is read with ingest's parsing, bad rows are
 skipped and counted. Books not yet in the export are embedded from their
 metadata alone by the exported `candidate/` tower (their id embedding is the
 unknown-book one, as for any book unseen in training), appended to
-`items.parquet` and `embeddings.npy`, and both indexes are rebuilt around the
-exported `query/` tower (same k and exclusion headroom; ScaNN parameters
-picked afresh for the new corpus size, agreement re-measured). With
+`items.parquet` and `embeddings.npy`, and the serving model and the ScaNN
+index are rebuilt around the served version's query part (same k and
+exclusion headroom; ScaNN parameters picked afresh for the new corpus size,
+agreement re-measured). With
 --update_existing, books already in the export whose metadata changed are
 re-embedded in place.
 
 Each run writes a new export version (see tt_mimic.serving.recommender):
-the changed indexes, items.parquet, embeddings.npy and export.json are built
-in `export/versions/.staging-<n>/`, renamed to `export/versions/<n>/` when
-complete, and only then named in `export/CURRENT` (an atomic replace). A
+the serving model, the ScaNN index, items.parquet, embeddings.npy and
+export.json are built in `export/versions/.staging-<n>/`; when complete the
+serving model is renamed to `export/serving/<n>/` (where TensorFlow Serving
+picks it up), the rest to `export/versions/<n>/`, and only then is the
+version named in `export/CURRENT` (an atomic replace). A
 running `tt-mimic serve` picks the new version up without a restart. One
 catalog runs at a time per export (a lock file); each run first removes what
 an interrupted run left behind (staging directories, versions never named
-in CURRENT, older versions), keeping the current version.
+in CURRENT, older versions, and their serving models), keeping the current
+version and version 1.
 
 New books can be recommended at once, and their popularity is zero. The
 query tower has no id for them, so in a user's history each stands as the
@@ -197,6 +201,10 @@ def clean_stale(directory: str) -> list[str]:
   if os.path.isdir(versions):
     stale += [os.path.join(versions, name) for name in os.listdir(versions)
               if name != str(version)]
+  serving = os.path.join(directory, recommend.SERVING)
+  if os.path.isdir(serving):
+    stale += [os.path.join(serving, name) for name in os.listdir(serving)
+              if name not in ("1", str(version))]
   removed = [path for path in stale if os.path.lexists(path)]
   for path in removed:
     if os.path.isdir(path) and not os.path.islink(path):
@@ -311,7 +319,8 @@ def _add_books(directory: str, books_csv: str,
   items["history_proxy"] = [""] * base_items + list(
       items["parent_asin"].to_numpy()[proxies])
 
-  query = tf.saved_model.load(os.path.join(directory, "query"))
+  # The query part (and its per-user state) of the served version's model.
+  query = recommend.load_serving(directory, version).query
   seen = pd.read_parquet(os.path.join(directory, "seen.parquet"),
                          columns=["userId"])
   users = seen["userId"].drop_duplicates().to_numpy(dtype=str)
@@ -344,7 +353,11 @@ def _add_books(directory: str, books_csv: str,
         "last_books_csv": os.path.abspath(books_csv)}
     with open(os.path.join(staging, "export.json"), "w") as f:
       json.dump(new_info, f, indent=2)
-    # Complete: publish the version, then name it.
+    # Complete: publish the serving model (TensorFlow Serving may load it
+    # from here on), then the version, then name it.
+    os.makedirs(os.path.join(directory, recommend.SERVING), exist_ok=True)
+    os.rename(os.path.join(staging, export.STAGED_SERVING),
+              recommend.serving_path(directory, target))
     os.rename(staging, recommend.version_path(directory, target))
   finally:
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,18 +1,28 @@
 """SavedModel export: query and candidate towers, ScaNN and brute-force indexes.
 
 Layout under `<model_dir>/export/`:
-  query/              user_id (+ optional history of parent_asins) -> embedding
+  serving/1/          the self-contained model (TensorFlow Serving's
+                      versioned layout: `--model_base_path=<export>/serving`):
+                      user_id (+ history, exclusions) -> parent_asin, scores
+                      over the whole corpus (brute force), the user's read
+                      books excluded; and `query`: user_id (+ history) ->
+                      embedding. The only SavedModel with per-user tables.
+  index_scann/        embedding (+ exclusions) -> parent_asin, scores through
+                      ScaNN (load after `import scann`); no per-user table
   candidate/          raw book metadata -> embedding
-  index_brute_force/  user_id (+ history, exclusions) -> parent_asin, scores
-  index_scann/        the same through ScaNN (load after `import scann`)
   items.parquet       corpus metadata, row-aligned with embeddings.npy
   embeddings.npy      candidate embeddings of the corpus
-  seen.parquet        every known (userId, parent_asin) pair, for exclusions
-  export.json         k, ScaNN parameters, measured ScaNN/brute-force agreement
+  seen.parquet        every known (userId, parent_asin) pair
+  export.json         k, ScaNN parameters and tuning, sizes, provenance
+  models.config       a TensorFlow Serving model config for serving/
 
-This is export version 1; `tt-mimic catalog` adds versions under
-`versions/<n>/` and names the served one in `CURRENT` (see
+This is export version 1; `tt-mimic catalog` adds versions (serving/<n>/
+and versions/<n>/) and names the served one in `CURRENT` (see
 tt_mimic.serving.recommender). A new export removes them.
+
+Per-user state is stored once, compactly: every user's known books as one
+int32 array in time order with int64 row splits (a user's history is the
+tail of their row), and the user-id embedding index as int32.
 
 Each SavedModel holds the Keras preprocessing layers, so it takes raw
 strings. Unknown users with no history get the popularity list from the
@@ -38,6 +48,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tt_mimic.config import ExportConfig
+from tt_mimic.serving import recommender as recommend
 from tt_mimic.training import pipeline
 
 try:
@@ -80,29 +91,60 @@ def compact_history(ids: tf.Tensor, length: int) -> tf.Tensor:
   return tf.pad(packed, [[0, 0], [0, pad]])[:, :length]
 
 
-class QueryModule(tf.Module):
-  """Raw user ids (and optional histories) -> user embeddings."""
+def _int32(values: np.ndarray, what: str) -> np.ndarray:
+  if len(values) and int(np.max(values)) > np.iinfo(np.int32).max:
+    raise ValueError(f"{what} exceed int32.")
+  return np.asarray(values, np.int32)
 
-  def __init__(self, user_tower, users, items, user_id_index, user_history):
+
+class QueryModule(tf.Module):
+  """Raw user ids (and optional histories) -> user embeddings.
+
+  Holds the per-user state: the user-id lookup, the user-id embedding
+  index (int32) and every user's known books (corpus indices, int32, in
+  time order, as rows of a ragged array given by int64 row splits).
+  """
+
+  def __init__(self, user_tower, users, items, user_id_index, seen_items,
+               seen_splits, history_length: int):
+    """`seen_items`, `seen_splits`: see `user_seen`."""
     super().__init__()
     self.user_lookup = tf.keras.layers.StringLookup(
         vocabulary=list(users), mask_token=None, num_oov_indices=1)
     self.item_lookup = tf.keras.layers.StringLookup(
         vocabulary=list(items), mask_token=None, num_oov_indices=1)
-    self.user_id_index = tf.Variable(user_id_index, trainable=False)
-    self.user_history = tf.Variable(user_history, trainable=False)
+    self.user_id_index = tf.Variable(_int32(user_id_index, "user-id indices"),
+                                     trainable=False)
+    self.seen_items = tf.Variable(_int32(seen_items, "corpus indices"),
+                                  trainable=False)
+    self.seen_splits = tf.Variable(np.asarray(seen_splits, np.int64),
+                                   trainable=False)
     self.tower = user_tower
-    self.history_length = int(user_history.shape[1])
+    self.history_length = int(history_length)
+
+  def _rows(self, user):
+    return (tf.gather(self.seen_splits, user),
+            tf.gather(self.seen_splits, user + 1))
+
+  def _stored_history(self, user):
+    """[batch, history_length] the users' latest books, most recent first."""
+    start, end = self._rows(user)
+    offsets = (end[:, None] - 1
+               - tf.range(self.history_length, dtype=tf.int64)[None, :])
+    valid = offsets >= start[:, None]
+    books = tf.gather(self.seen_items, tf.maximum(offsets, 0))
+    return tf.cast(tf.where(valid, books, 0), tf.int64)
 
   def _embed(self, user_id, history):
     user = self.user_lookup(user_id)
     given = compact_history(self.item_lookup(history), self.history_length)
     use_given = tf.reduce_any(given != 0, axis=1)
-    stored = tf.gather(self.user_history, user)
+    stored = self._stored_history(user)
     hist = tf.where(use_given[:, None], given, stored)
     known = tf.logical_or(user != 0, use_given)
-    embedding, _ = self.tower({"user_id": tf.gather(self.user_id_index, user),
-                               "history": hist})
+    embedding, _ = self.tower({
+        "user_id": tf.cast(tf.gather(self.user_id_index, user), tf.int64),
+        "history": hist})
     return {"embedding": embedding, "known": known}
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
@@ -114,6 +156,35 @@ class QueryModule(tf.Module):
       tf.TensorSpec([None, None], tf.string, "history")])
   def with_history(self, user_id, history):
     return self._embed(user_id, history)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
+  def seen(self, user_id):
+    """[batch, longest] the users' known books (corpus indices, 0 = pad)."""
+    start, end = self._rows(self.user_lookup(user_id))
+    rows = tf.RaggedTensor.from_row_lengths(
+        tf.gather(self.seen_items, tf.ragged.range(start, end).flat_values),
+        end - start)
+    return {"items": rows.to_tensor(0)}
+
+
+def user_seen(events: pd.DataFrame, num_users: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Every user's known books as a ragged array: (items, row splits).
+
+  Args:
+    events: ingest's events (sorted by user, then time) that serving
+      knows: training, validation and test.
+    num_users: users 1..num_users; row 0 is the unknown user (empty).
+
+  Returns:
+    items: [events] int32 corpus indices, each user's in time order.
+    splits: [num_users + 2] int64; user u's books are
+      items[splits[u]:splits[u + 1]].
+  """
+  user = events["user"].to_numpy(np.int64)
+  splits = np.searchsorted(user, np.arange(num_users + 2), "left")
+  return _int32(events["item"].to_numpy(), "corpus indices"), splits.astype(
+      np.int64)
 
 
 class CandidateModule(tf.Module):
@@ -157,93 +228,145 @@ def _drop_excluded(ids, scores, exclude, k):
   return tf.where(tf.math.is_finite(scores), ids, ""), scores
 
 
-class IndexModule(tf.Module):
-  """user_id (+ history, exclusions) -> top-k parent_asins and scores."""
+def _popular(ids, scores, k, n):
+  return (tf.tile(ids[None, :k], [n, 1]), tf.tile(scores[None, :k], [n, 1]))
 
-  def __init__(self, query, layer, popular_ids, popular_scores, k, retrieve):
+
+class _Retrieval(tf.Module):
+  """A top-k layer over the corpus, exclusions and the popularity fallback.
+
+  The layer's identifiers are corpus indices; answers carry parent_asins.
+  """
+
+  def __init__(self, layer, asins, popular_ids, popular_scores, k, retrieve):
     super().__init__()
-    self.query = query
     self.layer = layer
+    # asins[0] = "" (no book): corpus index i is asins[i].
+    self.asins = tf.constant(np.concatenate([[""], np.asarray(asins, str)]))
     self.popular_ids = tf.constant(popular_ids)
     self.popular_scores = tf.constant(popular_scores, tf.float32)
     self.k, self.retrieve = k, retrieve
 
-  def _answer(self, q, exclude):
-    scores, ids = self.layer(q["embedding"], k=self.retrieve)
+  def _answer(self, embedding, known, exclude):
+    scores, rows = self.layer(embedding, k=self.retrieve)
+    ids = tf.gather(self.asins, tf.cast(rows, tf.int32))
     ids, scores = _drop_excluded(ids, scores, exclude, self.k)
-    n = tf.shape(ids)[0]
-    pop_ids = tf.tile(self.popular_ids[None, :self.k], [n, 1])
-    pop_scores = tf.tile(self.popular_scores[None, :self.k], [n, 1])
-    known = q["known"][:, None]
+    pop_ids, pop_scores = _popular(self.popular_ids, self.popular_scores,
+                                   self.k, tf.shape(ids)[0])
+    known = known[:, None]
     shape = [None, self.k]
     return {"parent_asin": tf.ensure_shape(tf.where(known, ids, pop_ids), shape),
             "scores": tf.ensure_shape(tf.where(known, scores, pop_scores),
                                       shape)}
 
+
+class IndexModule(_Retrieval):
+  """embedding (+ exclusions) -> top-k parent_asins and scores; holds no
+  per-user state (the query comes from the serving model's `query`)."""
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None], tf.float32, "embedding"),
+      tf.TensorSpec([None], tf.bool, "known"),
+      tf.TensorSpec([None, None], tf.string, "exclude")])
+  def search(self, embedding, known, exclude):
+    return self._answer(embedding, known, exclude)
+
+
+class ServingModule(_Retrieval):
+  """The self-contained model: user_id (+ history, exclusions) -> top-k.
+
+  `serving_default` excludes the books the user is known to have read (as
+  `tt-mimic serve` does by default); `with_history` excludes exactly the
+  given `exclude` list; `query` returns the user embedding.
+  """
+
+  def __init__(self, query, layer, asins, popular_ids, popular_scores, k,
+               retrieve):
+    super().__init__(layer, asins, popular_ids, popular_scores, k, retrieve)
+    self.query = query
+
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
   def serving_default(self, user_id):
     q = self.query.serving_default(user_id)
-    return self._answer(q, tf.fill([tf.shape(user_id)[0], 1], ""))
+    seen = tf.gather(self.asins, self.query.seen(user_id)["items"])
+    return self._answer(q["embedding"], q["known"], seen)
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, "user_id"),
       tf.TensorSpec([None, None], tf.string, "history"),
       tf.TensorSpec([None, None], tf.string, "exclude")])
   def with_history(self, user_id, history, exclude):
-    return self._answer(self.query.with_history(user_id, history), exclude)
+    q = self.query.with_history(user_id, history)
+    return self._answer(q["embedding"], q["known"], exclude)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, "user_id"),
+      tf.TensorSpec([None, None], tf.string, "history")])
+  def query_embedding(self, user_id, history):
+    return self.query.with_history(user_id, history)
 
 
 def _signatures(module):
+  if isinstance(module, IndexModule):
+    return {"serving_default": module.search}
   out = {"serving_default": module.serving_default}
   if hasattr(module, "with_history"):
     out["with_history"] = module.with_history
+  if hasattr(module, "query_embedding"):
+    out["query"] = module.query_embedding
   return out
+
+
+STAGED_SERVING = "serving_model"  # where build_indexes saves it
 
 
 def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
                   popularity: np.ndarray, config: ExportConfig,
                   directory: str, queries: np.ndarray | None = None) -> dict:
-  """Builds, saves and cross-checks the brute-force and ScaNN indexes.
+  """Builds, saves and cross-checks the serving model and the ScaNN index.
 
   Args:
-    query: a QueryModule (or a loaded query SavedModel).
-    embeddings: [n, dim] candidate embeddings.
+    query: a QueryModule (or the `query` of a loaded serving model).
+    embeddings: [n, dim] candidate embeddings (corpus index i + 1 = row i).
     identifiers: [n] parent_asins.
     popularity: [n] training counts, for the unknown-user fallback.
     config: sizes and ScaNN parameters.
-    directory: the export directory.
+    directory: where `serving_model/` (the self-contained brute-force
+      model, for the caller to move to `serving_path`) and `index_scann/`
+      are written.
     queries: [m, dim] user embeddings to measure ScaNN against brute force
       (default: a sample of the candidate embeddings).
 
   Returns:
-    ScaNN parameters and the measured top-k agreement with brute force.
+    Sizes, ScaNN parameters, every ScaNN build's agreement with brute force.
   """
   n = len(identifiers)
   k = min(config.k, n)
   retrieve = min(config.k + config.max_exclusions, n)
-  ids = tf.constant(identifiers.astype(str))
+  rows = tf.range(1, n + 1, dtype=tf.int32)
   vectors = tf.constant(embeddings, tf.float32)
   order = np.argsort(-popularity, kind="stable")[:k]
   total = max(float(popularity.sum()), 1.0)
   pop_ids, pop_scores = identifiers[order].astype(str), popularity[order] / total
   brute = tfrs.layers.factorized_top_k.BruteForce(k=retrieve)
-  brute.index(vectors, ids)
-  brute_module = IndexModule(query, brute, pop_ids, pop_scores, k, retrieve)
-  _save(brute_module, os.path.join(directory, "index_brute_force"))
+  brute.index(vectors, rows)
+  serving = ServingModule(query, brute, identifiers, pop_ids, pop_scores, k,
+                          retrieve)
+  _save(serving, os.path.join(directory, STAGED_SERVING))
   info = {"k": k, "retrieve": retrieve, "items": n}
   if not HAVE_SCANN:
     logging.warning("scann is not importable; index_scann is not exported.")
     return info
   params = scann_params(n, dataclasses.replace(config, k=k))
   queries = vectors if queries is None else tf.constant(queries, tf.float32)
-  scann_layer, info["scann_tuning"] = _tuned_scann(vectors, ids, queries,
+  scann_layer, info["scann_tuning"] = _tuned_scann(vectors, rows, queries,
                                                    params, k, retrieve, brute,
                                                    config)
   info["scann"] = info["scann_tuning"][-1]["params"]
   info["scann_agreement_at_k"] = info["scann_tuning"][-1]["agreement_at_k"]
   info["scann_build_seconds"] = round(sum(
       t["build_seconds"] for t in info["scann_tuning"]), 2)
-  scann_module = IndexModule(query, scann_layer, pop_ids, pop_scores, k,
+  scann_module = IndexModule(scann_layer, identifiers, pop_ids, pop_scores, k,
                              retrieve)
   _save(scann_module, os.path.join(directory, "index_scann"),
         SCANN_SAVE_OPTIONS)
@@ -331,23 +454,21 @@ def provenance(model_dir: str, prep: pipeline.Prepared) -> dict:
   return out
 
 
-def user_histories(events: pd.DataFrame, num_users: int,
-                   length: int) -> np.ndarray:
-  """[num_users + 1, length] every user's most recent known books.
+def _size(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(path) for f in files)
 
-  Serving may use all of a user's known events (the evaluation never does:
-  it builds features from training events only).
-  """
-  user = events["user"].to_numpy(np.int64)
-  item = events["item"].to_numpy(np.int64)
-  end = np.searchsorted(user, np.arange(num_users + 1), "right")
-  start = np.searchsorted(user, np.arange(num_users + 1), "left")
-  out = np.zeros((num_users + 1, length), np.int64)
-  for j in range(length):
-    at = end - 1 - j
-    ok = at >= start
-    out[ok, j] = item[at[ok]]
-  return out
+
+def write_models_config(directory: str, name: str = "tt_mimic") -> None:
+  """`<export>/models.config`: TensorFlow Serving's model config for
+  serving/ (it serves the highest version and picks up new ones)."""
+  base = os.path.abspath(os.path.join(directory, recommend.SERVING))
+  with open(os.path.join(directory, "models.config"), "w") as f:
+    f.write("model_config_list {\n  config {\n"
+            f'    name: "{name}"\n    base_path: "{base}"\n'
+            '    model_platform: "tensorflow"\n  }\n}\n')
 
 
 def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
@@ -356,11 +477,10 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
   directory = os.path.join(model_dir, "export")
   os.makedirs(directory, exist_ok=True)
   data = prep.data
-  history = user_histories(data.events, len(data.users),
-                           prep.feature_config.history_length)
+  seen_items, seen_splits = user_seen(data.events, len(data.users))
   query = QueryModule(built.user_tower, data.users, data.items["parent_asin"],
-                      prep.user_id_index, history)
-  _save(query, os.path.join(directory, "query"))
+                      prep.user_id_index, seen_items, seen_splits,
+                      prep.feature_config.history_length)
   candidate = CandidateModule(prep.preprocessor, built.item_tower,
                               prep.item_table["id"])
   _save(candidate, os.path.join(directory, "candidate"))
@@ -379,9 +499,30 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
       len(data.users), min(1000, len(data.users)), replace=False)
   queries = query.serving_default(
       tf.constant(data.users[sample].astype(str)))["embedding"].numpy()
+  # Versions of an earlier export (catalog's, and the old layout's
+  # directories) go first: they belong to another model.
+  for name in ("CURRENT", "versions", recommend.SERVING, "query",
+               "index_brute_force", STAGED_SERVING):
+    path = os.path.join(directory, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
   info = build_indexes(query, embeddings, items["parent_asin"].to_numpy(),
                        items["train_count"].to_numpy(np.float64), config,
                        directory, queries)
+  os.makedirs(os.path.join(directory, recommend.SERVING))
+  os.rename(os.path.join(directory, STAGED_SERVING),
+            recommend.serving_path(directory, 1))
+  write_models_config(directory)
+  info["bytes_on_disk"] = {
+      name: _size(os.path.join(directory, name))
+      for name in (recommend.SERVING, "index_scann", "candidate",
+                   "items.parquet", "embeddings.npy", "seen.parquet")}
+  info["per_user_tables"] = {"users": int(len(data.users)),
+                             "known_events": int(len(seen_items)),
+                             "bytes": int(seen_items.nbytes + seen_splits.nbytes
+                                          + 4 * (len(data.users) + 1))}
   info["history_length"] = prep.feature_config.history_length
   info["provenance"] = provenance(model_dir, prep)
   with open(os.path.join(directory, "export.json.tmp"), "w") as f:
@@ -389,12 +530,5 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
   # Written last and atomically: a server polling the export reloads once.
   os.replace(os.path.join(directory, "export.json.tmp"),
              os.path.join(directory, "export.json"))
-  # Versions added by tt-mimic catalog belong to the previous export.
-  for name in ("CURRENT", "versions"):
-    path = os.path.join(directory, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
   logging.info("Exported %s", directory)
   return directory

@@ -1,9 +1,9 @@
 """Top-k books for a user from an exported run (`tt-mimic recommend` is
 its command line).
 
-`Recommender` loads `<model_dir>/export` (an index SavedModel, the book
-metadata and the table of books each user has read) and answers one of
-three ways, which each answer's `source` names:
+`Recommender` loads `<model_dir>/export` (the serving SavedModel, the
+ScaNN index, the book metadata and the table of books each user has read)
+and answers one of three ways, which each answer's `source` names:
 
   known user                             the user's stored reading history
                                          (or the given one, which replaces it)
@@ -19,10 +19,12 @@ id for them. Books the user has read (from the export's `seen.parquet`, plus
 the given history) are excluded unless asked otherwise.
 
 Export versions: `<model_dir>/export/` is version 1, as `tt-mimic export`
-wrote it. Each `tt-mimic catalog` writes version n >= 2 whole into
-`export/versions/<n>/` (indexes, items.parquet, embeddings.npy,
-export.json; query/, candidate/ and seen.parquet stay in `export/`) and then
-names it in `export/CURRENT`, replaced atomically. A version made from
+wrote it, with its serving model in `export/serving/1/`. Each `tt-mimic
+catalog` writes version n >= 2 whole (the serving model into
+`export/serving/<n>/`, TensorFlow Serving's versioned layout; the ScaNN
+index, items.parquet, embeddings.npy and export.json into
+`export/versions/<n>/`; candidate/ and seen.parquet stay in `export/`) and
+then names it in `export/CURRENT`, replaced atomically. A version made from
 another base export (the run was re-exported since) is stale and ignored.
 """
 
@@ -45,6 +47,7 @@ HISTORY_BASED = "history-based (unknown user)"
 POPULARITY = "popularity (unknown user, no history)"
 INDEXES = ("scann", "brute_force")
 VERSIONS = "versions"  # export/versions/<n>/: versions written by catalog
+SERVING = "serving"  # export/serving/<n>/: each version's serving model
 CURRENT = "CURRENT"  # export/CURRENT: the version served (absent: 1)
 
 # Cap on batch x exclusions x retrieved books compared in one index call.
@@ -103,6 +106,12 @@ def base_fingerprint(directory: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def serving_path(directory: str, version: int) -> str:
+  """`<export>/serving/<version>`: the version's self-contained serving
+  model (TensorFlow Serving's layout: `--model_base_path=<export>/serving`)."""
+  return os.path.join(directory, SERVING, str(version))
+
+
 def version_path(directory: str, version: int) -> str:
   """Where version `version` (>= 2) of the export in `directory` lives."""
   return os.path.join(directory, VERSIONS, str(version))
@@ -140,18 +149,7 @@ def current_version(directory: str) -> tuple[int, str, str]:
   return version, path, f"{base}:{version}"
 
 
-def load_index(directory: str, index: str):
-  """Loads `<directory>/index_<index>`; imports ScaNN's ops first if needed."""
-  if index not in INDEXES:
-    raise ValueError(f"Unknown index {index!r}; expected one of {INDEXES}.")
-  path = os.path.join(directory, f"index_{index}")
-  if index == "scann":
-    try:
-      import scann  # noqa: F401  pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ExportError(
-          f"The ScaNN index needs the scann package ({e}); install "
-          "scann[tf] or use the brute_force index.") from e
+def _load(path: str):
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
     raise ExportError(f"{path} is missing or incomplete; re-export the run.")
   try:
@@ -159,6 +157,22 @@ def load_index(directory: str, index: str):
   except (OSError, ValueError, tf.errors.OpError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     raise ExportError(f"Cannot load {path}: {first}") from e
+
+
+def load_serving(directory: str, version: int):
+  """The version's serving SavedModel (`serving_path`)."""
+  return _load(serving_path(directory, version))
+
+
+def load_scann(version_directory: str):
+  """`<version directory>/index_scann`, importing ScaNN's ops first."""
+  try:
+    import scann  # noqa: F401  pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ExportError(
+        f"The ScaNN index needs the scann package ({e}); install "
+        "scann[tf] or use the brute_force index.") from e
+  return _load(os.path.join(version_directory, "index_scann"))
 
 
 def _pad(rows: list[list[str]]) -> np.ndarray:
@@ -214,13 +228,29 @@ class Recommender:
     with open(os.path.join(here, "export.json")) as f:
       self.info = json.load(f)
     self.k = int(self.info["k"])
+    if index not in INDEXES:
+      raise ValueError(f"Unknown index {index!r}; expected one of {INDEXES}.")
     self.index_name = index
-    self.model = load_index(here, index)
+    self.serving = load_serving(self.directory, self.version)
     try:
-      self._predict = self.model.signatures["with_history"]
+      with_history = self.serving.signatures["with_history"]
+      query = self.serving.signatures["query"]
     except KeyError:
-      raise ExportError(f"index_{index} has no with_history signature; "
-                        "re-export the run.") from None
+      raise ExportError("The serving model has no with_history or query "
+                        "signature; re-export the run.") from None
+    if index == "brute_force":
+      self.model = self.serving
+      self._predict = with_history
+    else:
+      self.model = load_scann(here)
+      search = self.model.signatures["serving_default"]
+
+      def predict(user_id, history, exclude):
+        q = query(user_id=user_id, history=history)
+        return search(embedding=q["embedding"], known=q["known"],
+                      exclude=exclude)
+
+      self._predict = predict
     items = pd.read_parquet(os.path.join(here, "items.parquet"))
     items["categories"] = items["categories"].map(
         lambda c: [] if c is None else [str(x) for x in c])
