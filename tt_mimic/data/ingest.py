@@ -95,6 +95,12 @@ class Report:
                  "events": {"read": 0, "dropped": {}, "kept": 0},
                  "repaired": {"books": {}, "events": {}},
                  "invalid_values": {}, "stages": [], "splits": {}}
+    self.start = time.monotonic()
+
+  def log(self, message: str, *args) -> None:
+    """A progress line of the ingest, with the time since it started."""
+    logging.info("ingest [%.1f s]: " + message,
+                 time.monotonic() - self.start, *args)
 
   def drop(self, table: str, reason: str, count: int) -> None:
     dropped = self.data[table]["dropped"]
@@ -110,6 +116,9 @@ class Report:
         "stage": name, "events": int(len(events)),
         "users": int(events["userId"].nunique()),
         "items": int(events["parent_asin"].nunique())})
+    self.log("%s: %d events, %d users, %d books", name,
+             *(self.data["stages"][-1][k] for k in ("events", "users",
+                                                    "items")))
     if events.empty:
       raise IngestError(
           f"No events are left after stage '{name}'. Counts so far: "
@@ -366,7 +375,10 @@ def run(config: IngestConfig) -> Ingested:
   """Runs every stage; raises IngestError with counts when input is unusable."""
   start = time.time()
   report = Report()
+  report.log("reading books from %s", config.books_csv)
   books = read_books(config, report)
+  report.log("%d books kept of %d read; reading events from %s", len(books),
+             report.data["books"]["read"], config.users_csv)
   if books.empty:
     raise IngestError(f"No valid books in {config.books_csv}: "
                       f"{json.dumps(report.data['books'])}")
@@ -374,6 +386,7 @@ def run(config: IngestConfig) -> Ingested:
   events = kcore(events, config.min_user_interactions,
                  config.min_item_interactions, report)
   result = index(books, events, config, report)
+  report.log("indexed and split")
   report.data["config"] = dataclasses.asdict(config)
   report.data["seconds"] = round(time.time() - start, 2)
   check_counts(report.data)
