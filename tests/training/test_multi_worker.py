@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -89,16 +90,21 @@ def _read(path):
 
 
 def test_two_workers_train_resume_export_and_evaluate(tmp_path):
-  """A 2-worker run, one worker killed mid-run and the cluster restarted:
-  it resumes from the chief's backup and finishes; only the chief wrote the
-  run; its export answers; its metrics equal a single-process evaluation."""
+  """A 2-worker run of two variants with early stopping and the refit, one
+  worker killed in the second variant and the cluster restarted: every
+  worker skips the finished variant and resumes the second from the chief's
+  backup and early-stopping state, so all stay in step and finish; only the
+  chief wrote the run; its export answers; its metrics equal a
+  single-process evaluation."""
   dataset = tiny_data.write_dataset(tmp_path, "small")
   model_dir = str(tmp_path / "run")
   epochs = 4
   values = tiny_data.train_flags(
-      dataset, model_dir, distribute="multi_worker", variants=["dat"],
-      epochs=epochs, patience=0, batch_size=32, export=True, export_k=20,
-      recommend_k=3)
+      dataset, model_dir, distribute="multi_worker",
+      variants=["two_tower", "dat"], epochs=epochs, patience=2, refit=True,
+      batch_size=32, export=True, export_k=20, recommend_k=3)
+  worker_dirs = set(glob.glob(os.path.join(tempfile.gettempdir(),
+                                           "tt_mimic_worker_*")))
   command = [sys.executable, "-m", "tt_mimic", "train",
              *tiny_data.as_argv(values)]
   variant = os.path.join(model_dir, "variants", "dat")
@@ -132,17 +138,21 @@ def test_two_workers_train_resume_export_and_evaluate(tmp_path):
   chief_log = open(logs[0]).read()
   assert "resuming at epoch" in chief_log, chief_log[-3000:]
   assert "resuming at epoch" in open(logs[1]).read()
+  assert "[two_tower] finished earlier" in open(logs[1]).read()
   history = _read(state_path)["history"]
-  assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+  epochs_run = [h["epoch"] for h in history]
+  assert epochs_run == list(range(1, len(epochs_run) + 1)), epochs_run
+  assert max(validated) < len(epochs_run) <= epochs
   metrics = _read(os.path.join(model_dir, "metrics.json"))
   assert metrics["dat"]["recall@20"] > 0.0
+  assert "dat_refit" in metrics
 
   # Only the chief wrote into --model_dir: no worker's files, no temporary
   # directories left behind.
   assert not glob.glob(os.path.join(model_dir, "**", "workertemp*"),
                        recursive=True)
-  assert not glob.glob(os.path.join(model_dir, "**", "*worker_*"),
-                       recursive=True)
+  assert set(glob.glob(os.path.join(tempfile.gettempdir(),
+                                   "tt_mimic_worker_*"))) <= worker_dirs
 
   # A single-process evaluation of the chief's weights gives its metrics.
   evaluated = subprocess.run(

@@ -8,6 +8,9 @@ exports the DAT model and prints one user's recommendations.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import tempfile
 
 from absl import app
@@ -37,20 +40,34 @@ def main(argv):
     else:
       # A non-chief worker trains in step with the chief but writes only to
       # a private directory, removed at the end (TensorFlow's multi-worker
-      # rule), and restores from the chief's backups in --model_dir.
-      with tempfile.TemporaryDirectory(prefix="tt_mimic_worker_") as private:
-        _train(config, private, backup_root=model_dir)
+      # rule), and restores from the chief's backups in --model_dir. The
+      # directory's name is fixed per run and task, so a restarted worker
+      # removes what a killed one left.
+      private = _worker_dir(model_dir, strategy)
+      shutil.rmtree(private, ignore_errors=True)
+      try:
+        _train(config, private, chief_dir=model_dir)
+      finally:
+        shutil.rmtree(private, ignore_errors=True)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
 
 
-def _train(config, model_dir: str, backup_root: str | None = None) -> None:
-  """The run in `model_dir`; with `backup_root`, a non-chief worker's part
+def _worker_dir(model_dir: str, strategy) -> str:
+  """A non-chief worker's private directory for the run in `model_dir`."""
+  resolver = strategy.cluster_resolver
+  key = hashlib.sha256(os.path.abspath(model_dir).encode()).hexdigest()[:12]
+  return os.path.join(tempfile.gettempdir(), f"tt_mimic_worker_{key}_"
+                      f"{resolver.task_type}{resolver.task_id}")
+
+
+def _train(config, model_dir: str, chief_dir: str | None = None) -> None:
+  """The run in `model_dir`; with `chief_dir`, a non-chief worker's part
   (training and evaluation only: no report, export or example)."""
   common.write_flags(model_dir)
   try:
     prep = pipeline.start_run(config, model_dir,
-                              None if backup_root else common.CACHE_DIR.value)
+                              None if chief_dir else common.CACHE_DIR.value)
   except ingest.IngestError as e:
     raise SystemExit(f"ingest failed: {e}") from None
   variants = tuple(v for v in experiment.VARIANTS
@@ -58,10 +75,10 @@ def _train(config, model_dir: str, backup_root: str | None = None) -> None:
   try:
     metrics, results, built = experiment.run(
         prep, config.tower, config.loss, config.train, variants, model_dir,
-        backup_root)
+        chief_dir)
   except trainer.NonFiniteLossError as e:
     raise SystemExit(str(e)) from None
-  if backup_root:
+  if chief_dir:
     return
   report.write(model_dir, prep, metrics, results, built)
   if config.export.export and "dat" in built:

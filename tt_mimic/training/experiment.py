@@ -28,12 +28,12 @@ HEADLINE = ("recall@20", "ndcg@20", "hr@20", "recall@50", "recall@100",
 def run(prep: pipeline.Prepared, tower: TowerConfig,
         loss: LossConfig, train: TrainConfig,
         variants: tuple[str, ...], model_dir: str,
-        backup_root: str | None = None):
+        chief_dir: str | None = None):
   """Trains/evaluates `variants`; returns (metrics, results, built models).
 
-  `backup_root`: the run directory whose `variants/<name>/backup/` hold
-  the training backups (default `model_dir`; a non-chief worker of a
-  cluster trains in a private `model_dir` and restores from the chief's).
+  `chief_dir`: for a non-chief worker of a cluster, which trains in a
+  private `model_dir`, the chief's run directory: its variants' backups and
+  state are where every worker resumes from (see trainer.train_variant).
 
   With `train.refit`, dat is also retrained on training plus validation
   events ("dat_refit", with "popularity_refit" beside it).
@@ -54,11 +54,11 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
         name, prep, tower_cfg, loss_cfg, train,
         os.path.join(model_dir, "variants", name),
         os.path.join(model_dir, "tensorboard", name),
-        backup_dir=_backup(backup_root or model_dir, name))
+        shared_dir=_shared(chief_dir, name))
     metrics[name] = results[name]["test"]
   if train.refit and "dat" in results:
     _refit(prep, tower, loss, train, model_dir, metrics, results, built,
-           backup_root or model_dir)
+           chief_dir)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   logging.info("Test metrics (full corpus, %d users, split %s)\n%s",
@@ -67,12 +67,12 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   return metrics, results, built
 
 
-def _backup(root: str, name: str) -> str:
-  return os.path.join(root, "variants", name, "backup")
+def _shared(chief_dir: str | None, name: str) -> str | None:
+  return chief_dir and os.path.join(chief_dir, "variants", name)
 
 
 def _refit(prep, tower, loss, train, model_dir, metrics, results, built,
-           backup_root):
+           chief_dir):
   """dat retrained on training plus validation events for the epochs that
   validation chose: the model a user deploys (and exports). Popularity
   gets the same events, so the two compare under one protocol."""
@@ -87,7 +87,7 @@ def _refit(prep, tower, loss, train, model_dir, metrics, results, built,
       os.path.join(model_dir, "variants", name),
       os.path.join(model_dir, "tensorboard", name),
       refit_epochs=results["dat"]["best_epoch"],
-      backup_dir=_backup(backup_root, name))
+      shared_dir=_shared(chief_dir, name))
   metrics[name] = results[name]["test"]
 
 

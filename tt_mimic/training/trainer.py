@@ -130,18 +130,24 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
   """
 
   def __init__(self, built: Built, prep: Prepared, config: TrainConfig,
-               directory: str, writer):
+               directory: str, writer, shared_dir: str | None = None):
+    """`shared_dir`: for a non-chief worker, the chief's variant directory,
+    whose state a resumed run starts from (the chief and every worker then
+    make the same early-stopping decisions)."""
     super().__init__()
     self.built, self.prep, self.config = built, prep, config
     self.directory = directory
     self.state_path = os.path.join(directory, "early_stopping.json")
+    self.start_path = os.path.join(shared_dir or directory,
+                                   "early_stopping.json")
     self.best_path = os.path.join(directory, "best", "weights")
     self.writer = writer
     self.state = {"best": -1.0, "best_epoch": -1, "wait": 0, "history": []}
+    self.saved_epoch = None  # the epoch whose weights this process saved
 
   def on_train_begin(self, logs=None):
-    if os.path.exists(self.state_path):
-      with open(self.state_path) as f:
+    if os.path.exists(self.start_path):
+      with open(self.start_path) as f:
         self.state = json.load(f)
 
   def on_epoch_end(self, epoch, logs=None):
@@ -162,6 +168,7 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
     if value > self.state["best"]:
       self.state.update(best=float(value), best_epoch=epoch + 1, wait=0)
       self.built.model.save_weights(self.best_path)
+      self.saved_epoch = epoch + 1
     else:
       self.state["wait"] += 1
       if self.config.patience and self.state["wait"] >= self.config.patience:
@@ -178,16 +185,18 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
                   loss_config: LossConfig, config: TrainConfig,
                   directory: str, tensorboard_dir: str | None = None,
                   refit_epochs: int = 0,
-                  backup_dir: str | None = None) -> tuple[Built, dict]:
+                  shared_dir: str | None = None) -> tuple[Built, dict]:
   """Trains (or resumes, or reloads) one variant and evaluates it on test.
 
   With `refit_epochs`, trains exactly that many epochs without validation
   (a refit on training plus validation events: `prep` is then
   `pipeline.refit_view`'s) and keeps the last weights as the best.
 
-  `backup_dir` (default `<directory>/backup`) holds the BackupAndRestore
-  checkpoints: a non-chief worker of a cluster passes the chief's, from
-  which every worker restores.
+  `shared_dir`: for a non-chief worker of a cluster, which trains in a
+  private `directory`, the chief's variant directory. Every worker restores
+  from its backups and starts from its state (a variant it finished, the
+  validation history and early-stopping counters, the best weights), so
+  that all make the chief's decisions and their collective ops stay in step.
 
   Returns:
     The built model holding the best weights, and its result dict with
@@ -212,17 +221,18 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
     built.model.compile(optimizer=make_optimizer(config, steps))
     pipeline.create_variables(built, prep)
   result_path = os.path.join(directory, "result.json")
+  finished_path = os.path.join(shared_dir or directory, "result.json")
   validation = FullCorpusValidation(
       built, prep, config, directory,
       tf.summary.create_file_writer(os.path.join(tensorboard_dir,
-                                                 "validation")))
+                                                 "validation")), shared_dir)
   start = time.time()
-  if os.path.exists(result_path):
+  if os.path.exists(finished_path):
     logging.info("[%s] finished earlier; reloading its best weights.", name)
-    with open(result_path) as f:
+    with open(finished_path) as f:
       result = json.load(f)
   else:
-    backup_dir = backup_dir or os.path.join(directory, "backup")
+    backup_dir = os.path.join(shared_dir or directory, "backup")
     first_epoch = resumed_epoch(backup_dir)
     dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                                      prep.feature_config.history_length,
@@ -267,7 +277,12 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
                 "best_epoch": validation.state["best_epoch"]}
   if result["best_epoch"] < 1:
     raise evaluation.DivergedError(f"[{name}] no epoch finished validation.")
-  built.model.load_weights(validation.best_path).expect_partial()
+  best_path = validation.best_path
+  if shared_dir and not refit_epochs and (
+      validation.saved_epoch != result["best_epoch"]):
+    # The best epoch came before this worker's restart: the chief holds it.
+    best_path = os.path.join(shared_dir, "best", "weights")
+  built.model.load_weights(best_path).expect_partial()
   if "test" not in result:
     scorer = pipeline.model_scorer(built, len(prep.data.items))
     result["test"] = pipeline.test_metrics(scorer, prep,
