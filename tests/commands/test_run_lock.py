@@ -10,6 +10,7 @@ from absl.testing import flagsaver
 import pytest
 
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+from tt_mimic.commands import evaluate as evaluate_command
 from tt_mimic.commands import export as export_command
 from tt_mimic.commands import ingest as ingest_command
 from tt_mimic.commands import train
@@ -25,7 +26,8 @@ def setup_module():
     FLAGS.mark_as_parsed()
 
 
-@pytest.mark.parametrize("command", [train, ingest_command, export_command])
+@pytest.mark.parametrize("command", [train, ingest_command, export_command,
+                                     evaluate_command])
 def test_a_run_directory_in_use_is_refused(command, tiny_dataset, tmp_path):
   model_dir = str(tmp_path / "run")
   with pipeline.run_lock(model_dir):
@@ -41,6 +43,16 @@ def test_a_run_directory_in_use_is_refused(command, tiny_dataset, tmp_path):
   with pipeline.run_lock(model_dir):
     pass
   assert open(os.path.join(model_dir, pipeline.LOCK_FILE)).read() == ""
+
+
+@pytest.mark.parametrize("command", [export_command, evaluate_command])
+def test_commands_on_a_run_do_not_create_a_missing_directory(
+    command, tiny_dataset, tmp_path):
+  model_dir = str(tmp_path / "no_such_run")
+  with flagsaver.flagsaver(**tiny_data.train_flags(tiny_dataset, model_dir)):
+    with pytest.raises(SystemExit, match=f"{model_dir} does not exist"):
+      command.main([command.__name__])
+  assert not os.path.exists(model_dir)
 
 
 def test_the_lock_names_a_holder_in_another_process(tmp_path):

@@ -165,6 +165,16 @@ def test_malformed_lines_are_counted_and_blank_lines_are_not_rows(tmp_path):
   assert sorted(events["userId"].astype(str)) == ["7", "U1", "U2"]
 
 
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+  path = tmp_path / "Books.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_review("B0", "U1")).encode()
+                   + b"\n" + json.dumps(_review("B1", "U2")).encode() + b"\n")
+  events, report = _events(str(path))
+  assert report["events"]["read"] == 2
+  assert report["events"]["dropped"].get("malformed_json", 0) == 0
+  assert sorted(events["userId"].astype(str)) == ["U1", "U2"]
+
+
 def test_missing_fields_are_dropped_by_reason(tmp_path):
   review = _review("B0", "U1")
   path = _write(tmp_path / "Books.jsonl", [

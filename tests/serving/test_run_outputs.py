@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -41,11 +42,18 @@ class _TensorBoard:
     self.url = None
 
   def wait(self, timeout=60.0):
-    for line in self.process.stderr:  # "TensorBoard 2.x at http://...:p/"
-      match = re.search(r"(http://[\w.\-]+:\d+/)", line)
-      if match:
-        self.url = match.group(1)
-        break
+    # Reading stderr could block forever on a tensorboard that never prints
+    # its URL: a timer kills it at the timeout, which ends the stream.
+    killer = threading.Timer(timeout, self.process.kill)
+    killer.start()
+    try:
+      for line in self.process.stderr:  # "TensorBoard 2.x at http://...:p/"
+        match = re.search(r"(http://[\w.\-]+:\d+/)", line)
+        if match:
+          self.url = match.group(1)
+          break
+    finally:
+      killer.cancel()
     assert self.url, "tensorboard did not start"
     deadline = time.monotonic() + timeout
     # The first load of the logdir: train, validation and projector runs

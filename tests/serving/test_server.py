@@ -399,8 +399,9 @@ def test_slow_and_short_requests_get_408_or_400_in_time(strict_server):
     sock.shutdown(socket.SHUT_WR)
     reply = sock.makefile("rb").read()
   assert reply.startswith(b"HTTP/1.1 400") and b"ended after 6 of 100" in reply
-  # An idle connection is closed quietly after keepalive... no: the first
-  # request may take request_timeout; a kept-alive one keepalive_timeout.
+  # After an answer, an idle kept-alive connection is closed quietly after
+  # keepalive_timeout (the first request of a connection may take
+  # request_timeout).
   with socket.create_connection(("127.0.0.1",
                                  strict_server.server_address[1]),
                                 timeout=30) as sock:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -15,6 +16,7 @@ from tt_mimic.commands import common
 from tt_mimic.data import ingest
 from tt_mimic.serving import catalog
 from tt_mimic.serving import recommender
+from tt_mimic.training import pipeline
 
 _UPDATE_EXISTING = flags.DEFINE_bool(
     "update_existing", False, "Also re-embed books already in the export "
@@ -26,12 +28,18 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flags.FLAGS["books_csv"].using_default_value:
     raise app.UsageError("Give the new books with --books_csv=<file>.")
+  model_dir = common.MODEL_DIR.value
   try:
-    result = catalog.add_books(common.MODEL_DIR.value,
-                               flags.FLAGS["books_csv"].value,
-                               _UPDATE_EXISTING.value)
+    # The run's lock too: an export (or a training) rewrites the export
+    # directory the catalog builds on.
+    directory = recommender.export_directory(model_dir)
+    run_dir = (os.path.dirname(directory)
+               if os.path.basename(directory) == "export" else directory)
+    with pipeline.run_lock(run_dir, create=False):
+      result = catalog.add_books(model_dir, flags.FLAGS["books_csv"].value,
+                                 _UPDATE_EXISTING.value)
   except (recommender.ExportError, ingest.IngestError,
-          catalog.CatalogError) as e:
+          catalog.CatalogError, pipeline.RunError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(result.summary())

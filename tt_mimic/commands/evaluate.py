@@ -58,13 +58,13 @@ def main(argv):
   common.note_ignored()
   split, variant = _EVAL_SPLIT.value, _VARIANT.value
   try:
-    with pipeline.run_lock(model_dir):
+    with pipeline.run_lock(model_dir, create=False):
       variant, metrics = evaluate_run(model_dir, split, variant)
+      path = os.path.join(model_dir, f"evaluate_{variant}_{split}.json")
+      with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
-  path = os.path.join(model_dir, f"evaluate_{variant}_{split}.json")
-  with open(path, "w") as f:
-    json.dump(metrics, f, indent=2)
   print(f"{variant} on {split} ({metrics['users']} users, full corpus):\n"
         f"{experiment.table({variant: metrics})}\nWritten to {path}")
 

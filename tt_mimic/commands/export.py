@@ -24,7 +24,7 @@ def main(argv):
   model_dir = common.MODEL_DIR.value
   common.note_ignored(keep=_EXPORT_FLAGS)
   try:
-    with pipeline.run_lock(model_dir):
+    with pipeline.run_lock(model_dir, create=False):
       _export(model_dir)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None

@@ -166,10 +166,12 @@ def _read(path: str, gz: bool, columns: dict, optional: dict):
   seen = set()
   dropped = {"malformed_json": 0, "line_too_large": 0}
   with reader.open_binary(path, gz) as raw:
-    for line in _lines(raw):
+    for number, line in enumerate(_lines(raw)):
       if line is None:
         dropped["line_too_large"] += 1
         continue
+      if number == 0 and line.startswith(b"\xef\xbb\xbf"):
+        line = line[3:]  # a UTF-8 byte order mark, as the CSV path allows
       try:
         text = line.decode("utf-8")
       except UnicodeDecodeError:

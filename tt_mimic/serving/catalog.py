@@ -264,6 +264,7 @@ def _add_books(directory: str, books_csv: str,
                update_existing: bool) -> CatalogResult:
   """add_books under the lock."""
   version, source, _ = recommend.current_version(directory)
+  base = recommend.base_fingerprint(directory)
   with open(os.path.join(source, "export.json")) as f:
     info = json.load(f)
   items = pd.read_parquet(os.path.join(source, "items.parquet"))
@@ -346,13 +347,16 @@ def _add_books(directory: str, books_csv: str,
     new_info.update(index_info)
     new_info["base_items"] = base_items
     new_info["version"] = target
-    new_info["base_export"] = recommend.base_fingerprint(directory)
+    new_info["base_export"] = base
     new_info["catalog"] = {
         "added": int(history.get("added", 0)) + len(result.added),
         "updated": int(history.get("updated", 0)) + len(result.updated),
         "last_books_csv": os.path.abspath(books_csv)}
     with open(os.path.join(staging, "export.json"), "w") as f:
       json.dump(new_info, f, indent=2)
+    if recommend.base_fingerprint(directory) != base:
+      raise CatalogError("The run was re-exported while the catalog ran; "
+                         "nothing was published. Run the catalog again.")
     # Complete: publish the serving model (TensorFlow Serving may load it
     # from here on), then the version, then name it.
     os.makedirs(os.path.join(directory, recommend.SERVING), exist_ok=True)

@@ -1,4 +1,5 @@
-"""SavedModel export: query and candidate towers, ScaNN and brute-force indexes.
+"""SavedModel export: the serving model (query tower, brute force, per-user
+state), the ScaNN index and the candidate tower.
 
 Layout under `<model_dir>/export/`:
   serving/1/          the self-contained model (TensorFlow Serving's
@@ -454,6 +455,13 @@ def provenance(model_dir: str, prep: pipeline.Prepared) -> dict:
   return out
 
 
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
 def _size(path: str) -> int:
   if os.path.isfile(path):
     return os.path.getsize(path)
@@ -499,18 +507,16 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
       len(data.users), min(1000, len(data.users)), replace=False)
   queries = query.serving_default(
       tf.constant(data.users[sample].astype(str)))["embedding"].numpy()
-  # Versions of an earlier export (catalog's, and the old layout's
-  # directories) go first: they belong to another model.
-  for name in ("CURRENT", "versions", recommend.SERVING, "query",
-               "index_brute_force", STAGED_SERVING):
-    path = os.path.join(directory, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+  _remove(os.path.join(directory, STAGED_SERVING))
   info = build_indexes(query, embeddings, items["parent_asin"].to_numpy(),
                        items["train_count"].to_numpy(np.float64), config,
                        directory, queries)
+  # Versions of the earlier export (catalog's, and the old layout's
+  # directories) belong to another model: removed only now, so that a
+  # server keeps answering from them while this export is built.
+  for name in ("CURRENT", "versions", recommend.SERVING, "query",
+               "index_brute_force"):
+    _remove(os.path.join(directory, name))
   os.makedirs(os.path.join(directory, recommend.SERVING))
   os.rename(os.path.join(directory, STAGED_SERVING),
             recommend.serving_path(directory, 1))

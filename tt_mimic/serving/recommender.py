@@ -193,7 +193,7 @@ class Recommender:
 
   Attributes:
     model_dir: as given.
-    directory: the export directory (version 1; query/, seen.parquet).
+    directory: the export directory (version 1; serving/, seen.parquet).
     version: the export version loaded (1, or one written by catalog).
     version_directory: where that version's indexes and items are.
     token: `current_version`'s token for the loaded version.

@@ -269,6 +269,7 @@ class PoolMixIn:
   pending = 256
 
   def start_workers(self) -> None:
+    self._stopping = threading.Event()
     self._queue = queue.Queue(self.pending)
     self._workers = [threading.Thread(target=self._work, daemon=True,
                                       name=f"serve-worker-{i}")
@@ -277,7 +278,20 @@ class PoolMixIn:
       thread.start()
 
   def process_request(self, request, client_address):
-    self._queue.put((request, client_address))
+    # Waits for a free place, but not past a shutdown (serve_forever must
+    # get back to its loop to see it).
+    while True:
+      try:
+        self._queue.put((request, client_address), timeout=0.5)
+        return
+      except queue.Full:
+        if self._stopping.is_set():
+          self.shutdown_request(request)
+          return
+
+  def shutdown(self):
+    self._stopping.set()
+    super().shutdown()
 
   def _work(self) -> None:
     while (item := self._queue.get()) is not None:
@@ -299,8 +313,12 @@ class PoolMixIn:
         break
       if item is not None:
         self.shutdown_request(item[0])
+    self._stopping.set()
     for _ in self._workers:
-      self._queue.put(None)
+      try:  # the workers are daemon threads: those not told exit with us
+        self._queue.put_nowait(None)
+      except queue.Full:
+        break
     deadline = time.monotonic() + 2.0
     for thread in self._workers:
       thread.join(max(0.0, deadline - time.monotonic()))

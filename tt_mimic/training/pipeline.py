@@ -63,17 +63,22 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def run_lock(model_dir: str):
-  """Holds `model_dir` for this process: creates it, checks that it is
-  writable and takes an exclusive lock (`<model_dir>/.lock`, flock: the
-  kernel releases it when the process ends, also on kill -9).
+def run_lock(model_dir: str, create: bool = True):
+  """Holds `model_dir` for this process: creates it (with `create`; else it
+  must exist), checks that it is writable and takes an exclusive lock
+  (`<model_dir>/.lock`, flock: the kernel releases it when the process
+  ends, also on kill -9).
 
   Raises:
-    RunError: the directory cannot be created or written (before any work).
+    RunError: the directory does not exist (without `create`), or cannot be
+      created or written (before any work).
     RunDirBusyError: another process holds it; the message names that
       process (pid, command, start time).
   """
   path = os.path.join(model_dir, LOCK_FILE)
+  if not create and not os.path.isdir(model_dir):
+    raise RunError(f"{model_dir} does not exist: is it a training run "
+                   "(tt-mimic train)?")
   try:
     os.makedirs(model_dir, exist_ok=True)
     handle = open(path, "a+")
