@@ -98,11 +98,11 @@ def test_two_workers_train_resume_export_and_evaluate(tmp_path):
   single-process evaluation."""
   dataset = tiny_data.write_dataset(tmp_path, "small")
   model_dir = str(tmp_path / "run")
-  epochs = 4
+  epochs = 3
   values = tiny_data.train_flags(
       dataset, model_dir, distribute="multi_worker",
       variants=["two_tower", "dat"], epochs=epochs, patience=2, refit=True,
-      batch_size=32, export=True, export_k=20, recommend_k=3)
+      batch_size=64, export=True, export_k=20, recommend_k=3)
   worker_dirs = set(glob.glob(os.path.join(tempfile.gettempdir(),
                                            "tt_mimic_worker_*")))
   command = [sys.executable, "-m", "tt_mimic", "train",
