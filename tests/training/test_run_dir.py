@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+from absl import app
 from absl import flags
 from absl.testing import flagsaver
 import numpy as np
@@ -99,6 +100,28 @@ def test_the_exported_model_is_the_refit_and_evaluates_alike(moved_run):
   with flagsaver.flagsaver(model_dir=moved_run, eval_split="val",
                            variant="exported"):
     with pytest.raises(SystemExit, match="trained on the validation events"):
+      evaluate_command.main(["evaluate"])
+
+
+def test_evaluate_at_any_cutoffs(moved_run, capsys):
+  with flagsaver.flagsaver(model_dir=moved_run, eval_split="val",
+                           variant="dat", ks=["7", "3", "20"]):
+    evaluate_command.main(["evaluate"])
+  evaluated = _json(moved_run, "evaluate_dat_val.json")
+  for k in (3, 7, 20):
+    for name in ("recall", "ndcg", "hr"):
+      assert 0.0 <= evaluated[f"{name}@{k}"] <= 1.0
+  assert "recall@10" not in evaluated
+  assert evaluated["recall@3"] <= evaluated["recall@7"] <= evaluated[
+      "recall@20"]
+  # The same cut-off as training's validation gives its number.
+  history = _json(moved_run, "variants", "dat", "result.json")["history"]
+  best = max(h["val_recall@20"] for h in history)
+  assert evaluated["recall@20"] == pytest.approx(best, abs=1e-6)
+  out = capsys.readouterr().out
+  assert "| recall@3 | ndcg@3 | recall@7 |" in out and "| mrr |" in out
+  with flagsaver.flagsaver(model_dir=moved_run, ks=["0"]):
+    with pytest.raises(app.UsageError, match="--ks must be positive"):
       evaluate_command.main(["evaluate"])
 
 

@@ -27,9 +27,27 @@ _VARIANT = flags.DEFINE_enum(
     "Variant to evaluate (exported: the one the run exports).")
 
 
-def evaluate_run(model_dir: str, split: str, variant: str) -> tuple[str, dict]:
-  """The variant's name and its metrics on `split`, for the run in
-  `model_dir`."""
+_KS = flags.DEFINE_list(
+    "ks", [str(k) for k in evaluation.KS],
+    "Cut-offs: recall, ndcg and hr at each (mrr is over the whole ranking).")
+
+
+def _cutoffs(values: list[str]) -> tuple[int, ...]:
+  try:
+    ks = tuple(sorted({int(v) for v in values}))
+  except ValueError:
+    raise app.UsageError(f"--ks must be positive integers, got "
+                         f"{','.join(values)}.") from None
+  if not ks or ks[0] < 1:
+    raise app.UsageError(f"--ks must be positive integers, got "
+                         f"{','.join(values)}.")
+  return ks
+
+
+def evaluate_run(model_dir: str, split: str, variant: str,
+                 ks=evaluation.KS) -> tuple[str, dict]:
+  """The variant's name and its metrics on `split` at cut-offs `ks`, for
+  the run in `model_dir`."""
   config, prep = pipeline.open_run(model_dir)
   if variant == "exported":
     variant = pipeline.exported_variant(model_dir)
@@ -46,8 +64,8 @@ def evaluate_run(model_dir: str, split: str, variant: str) -> tuple[str, dict]:
     scorer = pipeline.model_scorer(built, len(prep.data.items))
   if split == "test":
     return variant, pipeline.test_metrics(scorer, prep,
-                                          config.train.eval_batch_size)
-  return variant, evaluation.evaluate(scorer, eval_set,
+                                          config.train.eval_batch_size, ks)
+  return variant, evaluation.evaluate(scorer, eval_set, ks=ks,
                                       batch_size=config.train.eval_batch_size)
 
 
@@ -57,16 +75,18 @@ def main(argv):
   model_dir = common.MODEL_DIR.value
   common.note_ignored()
   split, variant = _EVAL_SPLIT.value, _VARIANT.value
+  ks = _cutoffs(_KS.value)
   try:
     with pipeline.run_lock(model_dir, create=False):
-      variant, metrics = evaluate_run(model_dir, split, variant)
+      variant, metrics = evaluate_run(model_dir, split, variant, ks)
       path = os.path.join(model_dir, f"evaluate_{variant}_{split}.json")
       with open(path, "w") as f:
         json.dump(metrics, f, indent=2)
   except pipeline.RunError as e:
     raise SystemExit(str(e)) from None
+  columns = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + ["mrr"]
   print(f"{variant} on {split} ({metrics['users']} users, full corpus):\n"
-        f"{experiment.table({variant: metrics})}\nWritten to {path}")
+        f"{experiment.table({variant: metrics}, columns)}\nWritten to {path}")
 
 
 def run(argv=None):

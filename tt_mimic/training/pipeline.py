@@ -421,10 +421,12 @@ def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
   return np.concatenate([np.zeros_like(out[:1]), out])
 
 
-def test_metrics(score_fn, prep: Prepared, batch_size: int) -> dict:
-  """Full-corpus test metrics, with `segments` (evaluation.segment_metrics:
-  by user activity, book popularity, cold books and category)."""
-  metrics, ranked = evaluation.evaluate(score_fn, prep.test,
+def test_metrics(score_fn, prep: Prepared, batch_size: int,
+                 ks=evaluation.KS) -> dict:
+  """Full-corpus test metrics at cut-offs `ks`, with `segments`
+  (evaluation.segment_metrics: by user activity, book popularity, cold
+  books and category)."""
+  metrics, ranked = evaluation.evaluate(score_fn, prep.test, ks=ks,
                                         batch_size=batch_size,
                                         return_ranked=True)
   if ranked is not None:
