@@ -382,6 +382,9 @@ def _tuned_scann(vectors, ids, queries, params, k, retrieve, brute, config):
   Returns the layer and one record per build (params, agreement, seconds).
   """
   tuning = []
+  # The exact top-k of the query sample, once for every build.
+  sample = _query_sample(queries)
+  exact = brute(sample, k=k)[1].numpy()
   while True:
     start = time.monotonic()
     logging.info("Building the ScaNN index over %d books (%s) ...",
@@ -390,7 +393,7 @@ def _tuned_scann(vectors, ids, queries, params, k, retrieve, brute, config):
         k=retrieve, distance_measure="dot_product", **params)
     layer.index(vectors, ids)
     seconds = time.monotonic() - start
-    value = agreement(queries, brute, layer, k)
+    value = _overlap(exact, layer(sample, k=k)[1].numpy(), k)
     tuning.append({"params": dict(params), "agreement_at_k": value,
                    "build_seconds": round(seconds, 2)})
     logging.info("ScaNN built in %.1f s; top-%d agreement with brute force "
@@ -414,14 +417,22 @@ def agreement(vectors, exact, approximate, k, sample: int = 1000) -> float:
     exact, approximate: top-k layers, called as layer(queries, k=k).
     k: the cut-off.
   """
+  q = _query_sample(vectors, sample)
+  return _overlap(exact(q, k=k)[1].numpy(), approximate(q, k=k)[1].numpy(), k)
+
+
+def _query_sample(vectors, sample: int = 1000) -> tf.Tensor:
+  """`sample` rows of `vectors` (the same ones for the same inputs)."""
   rng = np.random.default_rng(0)
   rows = rng.choice(int(vectors.shape[0]), min(sample, int(vectors.shape[0])),
                     replace=False)
-  q = tf.gather(vectors, rows)
-  _, a = exact(q, k=k)
-  _, b = approximate(q, k=k)
-  a, b = a.numpy(), b.numpy()
-  return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+  return tf.gather(vectors, rows)
+
+
+def _overlap(exact_ids: np.ndarray, approximate_ids: np.ndarray,
+             k: int) -> float:
+  return float(np.mean([len(set(x) & set(y)) / k
+                        for x, y in zip(exact_ids, approximate_ids)]))
 
 
 def _save(module, path, options=None):
