@@ -97,6 +97,14 @@ def _check_history(value, where: str, max_history: int):
   return [_check_text(h, where) for h in value]
 
 
+def _reject_unknown(given, allowed, where: str = "") -> None:
+  """RequestError naming the fields of `given` not in `allowed`."""
+  unknown = sorted(set(given) - set(allowed))
+  if unknown:
+    text = f"unknown field(s) {unknown}; expected {list(allowed)}."
+    raise RequestError(f"{where}: {text}" if where else "U" + text[1:])
+
+
 def parse_predict(body, max_batch: int, max_history: int, default_k: int):
   """Validates a predict request.
 
@@ -116,10 +124,7 @@ def parse_predict(body, max_batch: int, max_history: int, default_k: int):
   if not isinstance(body, dict):
     raise RequestError("The request body must be a JSON object with "
                        "\"instances\" or \"inputs\".")
-  unknown = sorted(set(body) - set(_TOP_LEVEL_FIELDS))
-  if unknown:
-    raise RequestError(f"Unknown field(s) {unknown}; expected "
-                       f"{list(_TOP_LEVEL_FIELDS)}.")
+  _reject_unknown(body, _TOP_LEVEL_FIELDS)
   forms = [f for f in ("instances", "inputs") if f in body]
   if len(forms) != 1:
     raise RequestError("Give exactly one of \"instances\" (row format) or "
@@ -152,10 +157,7 @@ def parse_predict(body, max_batch: int, max_history: int, default_k: int):
       if not isinstance(row, dict):
         raise RequestError(f"{where} must be a user_id string or an object "
                            "with user_id (and history).")
-      extra = sorted(set(row) - set(_INSTANCE_FIELDS))
-      if extra:
-        raise RequestError(f"{where}: unknown field(s) {extra}; expected "
-                           f"{list(_INSTANCE_FIELDS)}.")
+      _reject_unknown(row, _INSTANCE_FIELDS, where)
       if "user_id" not in row:
         raise RequestError(f"{where}: missing field user_id (null for an "
                            "anonymous user).")
@@ -167,10 +169,7 @@ def parse_predict(body, max_batch: int, max_history: int, default_k: int):
   if not isinstance(columns, dict):
     raise RequestError("inputs must be an object: {\"user_id\": [...], "
                        "\"history\": [[...], ...]}.")
-  extra = sorted(set(columns) - set(_INSTANCE_FIELDS))
-  if extra:
-    raise RequestError(f"inputs: unknown field(s) {extra}; expected "
-                       f"{list(_INSTANCE_FIELDS)}.")
+  _reject_unknown(columns, _INSTANCE_FIELDS, "inputs")
   if "user_id" not in columns:
     raise RequestError("inputs: missing field user_id.")
   user_ids = columns["user_id"]
