@@ -67,7 +67,7 @@ def main() -> None:
   rec = recommender.Recommender(args.model_dir, index="scann")
   load_s = time.monotonic() - imported
   k = rec.k
-  users = list(rec._seen_rows)[:args.requests]  # pylint: disable=protected-access
+  users = rec.known_users()[:args.requests]
   users = (users * (args.requests // max(len(users), 1) + 1))[:args.requests]
 
   serving = rec.serving.signatures["serving_default"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,9 +36,7 @@ SCHEMA = pa.schema([("userId", pa.string()), ("rank", pa.int16()),
 
 def all_users(rec: recommender_lib.Recommender) -> list[str]:
   """Every user the export knows (its seen.parquet), in first-seen order."""
-  seen = pd.read_parquet(os.path.join(rec.directory, "seen.parquet"),
-                         columns=["userId"])
-  return list(dict.fromkeys(seen["userId"].astype(str)))
+  return rec.known_users()
 
 
 def read_user_ids(path: str) -> Iterator[str]:

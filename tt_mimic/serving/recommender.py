@@ -274,6 +274,10 @@ class Recommender:
 
   # ------------------------------------------------------------- queries
 
+  def known_users(self) -> list[str]:
+    """Every user the export knows, in order of first appearance."""
+    return list(self._seen_rows)
+
   def is_known_user(self, user_id: str | None) -> bool:
     return bool(user_id) and user_id in self._seen_rows
 
