@@ -117,6 +117,12 @@ class FeatureConfig(_Checked):
   author_top_k: int = setting(300, "Author vocabulary size.", lower=1)
   title_max_tokens: int = setting(20000, "Title vocabulary size.", lower=2)
   title_length: int = setting(12, "Title tokens per book.", lower=1)
+  title_standardize: str = setting(
+      "ascii", "How titles are standardized before they are split into "
+      "tokens: ascii = lower-case A-Z and strip ASCII punctuation (Keras' "
+      "default); unicode = tensorflow-text case folding with NFKC, "
+      "stripping Unicode punctuation and symbols (accents kept).",
+      choices=("ascii", "unicode"))
   max_categories: int = setting(4, "Category tokens kept per book.", lower=1)
   history_length: int = setting(50, "Recent training events per user used "
                                 "as features (0: none, the towers of the DAT "

@@ -1,6 +1,11 @@
 """Tests for tt_mimic.data.features: numeric statistics, the item
 preprocessor and the item table, by hand and through ingest."""
 
+import json
+import os
+import types
+
+from absl.testing import parameterized
 import numpy as np
 import pandas as pd
 
@@ -130,6 +135,85 @@ class ItemPreprocessorTest(tf.test.TestCase):
         tops, ["night"], means, variances, self.CONFIG)
     table = features.build_item_table(items, p, self.CONFIG)
     self.assertEqual(table["cal_category"][4], 0)
+
+
+class TitleStandardizeTest(tf.test.TestCase, parameterized.TestCase):
+  """--title_standardize reaches the adapted vocabulary, the preprocessor and
+  the saved state alike."""
+
+  # "Éléments" precomposed, upper-case and decomposed (E + U+0301).
+  TITLES = ["Éléments", "ÉLÉMENTS", "E\u0301le\u0301ments"]
+
+  def data(self):
+    """What build_vocabularies and load_vocabularies read of an ingest."""
+    items = pd.DataFrame({
+        "parent_asin": ["A", "B", "C"], "title": self.TITLES,
+        "author": ["Ann"] * 3, "categories": [["Books", "Science"]] * 3,
+        "average_rating": [4.0] * 3, "rating_number": [1.0] * 3,
+        "price": [np.nan] * 3, "train_count": [1, 1, 1]})
+    return types.SimpleNamespace(items=items, users=np.array(["u1"]))
+
+  def title_ids(self, standardize, titles):
+    config = FeatureConfig(title_length=2, title_standardize=standardize)
+    vocab = features.build_vocabularies(self.data(), config)
+    self.assertEqual(vocab.title_standardize, standardize)
+    n = len(titles)
+    raw = raw_books(parent_asin=["A"] * n, title=titles, author=["Ann"] * n,
+                    categories=[["Science"]] * n, average_rating=[4.0] * n,
+                    rating_number=[1.0] * n, price=[1.0] * n)
+    return list(features.make_preprocessor(vocab, config)(raw)["title"]
+                .numpy()[:, 0])
+
+  def test_unicode_makes_one_token_of_every_form(self):
+    # Vocabulary ["", "[UNK]", "éléments"]: every form, and "éléments" never
+    # seen in training, is token 2.
+    self.assertEqual(self.title_ids("unicode", self.TITLES + ["éléments"]),
+                     [2, 2, 2, 2])
+
+  def test_ascii_makes_three_tokens_and_misses_the_fourth(self):
+    ids = self.title_ids("ascii", self.TITLES + ["éléments"])
+    self.assertNotIn(1, ids[:3])  # adapted with the same standardize
+    self.assertLen(set(ids[:3]), 3)
+    self.assertEqual(ids[3], 1)  # out of vocabulary
+
+  def save(self, standardize):
+    data = self.data()
+    vocab = features.build_vocabularies(
+        data, FeatureConfig(title_standardize=standardize))
+    path = os.path.join(self.get_temp_dir(), f"{standardize}.json")
+    features.save_vocabularies(vocab, path)
+    return data, vocab, path
+
+  def test_saved_state_records_the_standardize(self):
+    data, vocab, path = self.save("unicode")
+    with open(path, encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["title_standardize"], "unicode")
+    loaded = features.load_vocabularies(path, data)
+    self.assertEqual(loaded.title_standardize, "unicode")
+    self.assertEqual(loaded.title_tokens, vocab.title_tokens)
+    features.make_preprocessor(loaded,
+                               FeatureConfig(title_standardize="unicode"))
+    with self.assertRaisesRegex(ValueError, "title_standardize='unicode'"):
+      features.make_preprocessor(loaded, FeatureConfig())
+
+  def test_old_state_without_the_key_loads_as_ascii(self):
+    data, _, path = self.save("ascii")
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+    del state["title_standardize"]  # as saved before the setting existed
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(state, f, ensure_ascii=False)
+    loaded = features.load_vocabularies(path, data)
+    self.assertEqual(loaded.title_standardize, "ascii")
+    features.make_preprocessor(loaded, FeatureConfig())
+    with self.assertRaisesRegex(ValueError, "title_standardize='ascii'"):
+      features.make_preprocessor(loaded,
+                                 FeatureConfig(title_standardize="unicode"))
+
+  def test_default_and_choices(self):
+    self.assertEqual(FeatureConfig().title_standardize, "ascii")
+    with self.assertRaisesRegex(ValueError, "not one of"):
+      FeatureConfig(title_standardize="latin")
 
 
 def test_books_without_any_category_build_valid_layers(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -16,11 +18,15 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from tt_mimic.config import FeatureConfig
+from tt_mimic.config import LossConfig
 from tt_mimic.data import features
 from tt_mimic.serving import export
+from tt_mimic.training import pipeline
 
 import tiny_data
 from tiny_model import NormMixin
+from tiny_model import TOWER
 from tiny_model import build
 
 K = tiny_data.SERVING_FLAGS["export_k"]
@@ -97,6 +103,95 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
     self.assertAllEqual(out["known"], [True, False])
     self.assertAllClose(out["embedding"],
                         query.serving_default(users)["embedding"], atol=1e-6)
+
+
+# A fresh process loads a candidate tower with --title_standardize=unicode:
+# plainly (which must fail: tensorflow-text's ops are not registered), then
+# with recommender.load_candidate; it embeds one book under each title given.
+_FRESH_CANDIDATE = r"""
+import json, sys
+import tt_mimic
+import tensorflow as tf
+from tt_mimic.serving import recommender
+directory, raw = sys.argv[1], json.loads(sys.argv[2])
+out = {"text_imported_early": "tensorflow_text" in sys.modules}
+try:
+  tf.saved_model.load(directory + "/candidate")
+  out["plain_load"] = "loaded"
+except Exception as e:  # pylint: disable=broad-except
+  out["plain_load"] = str(e).splitlines()[0]
+candidate = recommender.load_candidate(directory)
+inputs = {k: tf.constant(v, tf.float32 if k in ("average_rating",
+          "rating_number", "price") else tf.string) for k, v in raw.items()}
+result = candidate.signatures["serving_default"](**inputs)
+out["embedding"] = result["embedding"].numpy().tolist()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _op_types(path: str) -> set[str]:
+  """Every op type in a SavedModel's graph and function library."""
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  graph = proto.meta_graphs[0].graph_def
+  nodes = list(graph.node) + [n for fn in graph.library.function
+                              for n in fn.node_def]
+  return {n.op for n in nodes}
+
+
+def _full_width(title: str) -> str:
+  """Upper-case, with ASCII letters, digits and punctuation full-width."""
+  return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c
+                 for c in title.upper())
+
+
+def test_unicode_title_export_answers_in_a_fresh_process(tmp_path):
+  """A candidate tower with --title_standardize=unicode holds tensorflow-text
+  ops (the query tower, which TF Serving serves, none), loads in a fresh
+  process through recommender.load_candidate and folds a title's forms
+  there as in training."""
+  prep = tiny_data.prepared(
+      tmp_path, FeatureConfig(title_length=6, history_length=5,
+                                       title_standardize="unicode"))
+  built = pipeline.build(prep, TOWER, LossConfig())
+  pipeline.create_variables(built, prep)
+  data = prep.data
+  candidate = export.CandidateModule(prep.preprocessor, built.item_tower,
+                                     prep.item_table["id"])
+  query = export.QueryModule(built.user_tower, data.users,
+                             data.items["parent_asin"], prep.user_id_index,
+                             *export.user_seen(data.events, len(data.users)),
+                             prep.feature_config.history_length)
+  title = data.items["title"].iloc[0]  # e.g. "The Dragon of the Sea, part 3"
+  titles = [title, _full_width(title),
+            "«" + title.upper().replace(", ", "—") + "»", "zzz qqq"]
+  raw = features.raw_item_features(data.items.iloc[[0] * len(titles)],
+                                   prep.feature_config)
+  raw["title"] = np.array(titles)
+  expected = candidate.serving_default(
+      **{k: tf.constant(v) for k, v in raw.items()})["embedding"].numpy()
+  # The forms of the title embed alike; another title does not.
+  np.testing.assert_allclose(expected[1:3], expected[[0, 0]], atol=1e-6)
+  assert np.abs(expected[3] - expected[0]).max() > 1e-3
+  directory = str(tmp_path / "export")
+  export._save(candidate, os.path.join(directory, "candidate"))
+  export._save(query, os.path.join(directory, "query"))
+  assert {"CaseFoldUTF8"} <= _op_types(os.path.join(directory, "candidate"))
+  assert not {"CaseFoldUTF8", "NormalizeUTF8"} & _op_types(
+      os.path.join(directory, "query"))
+
+  done = subprocess.run(
+      [sys.executable, "-c", _FRESH_CANDIDATE, directory,
+       json.dumps({k: v.tolist() for k, v in raw.items()})],
+      cwd=tiny_data.REPO, capture_output=True, text=True, timeout=240,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), check=False)
+  lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+  assert done.returncode == 0 and lines, done.stderr[-3000:]
+  out = json.loads(lines[0][len("RESULT "):])
+  assert not out["text_imported_early"]
+  assert "CaseFoldUTF8" in out["plain_load"]
+  np.testing.assert_allclose(out["embedding"], expected, atol=1e-5)
 
 
 # ------------------------------------------------- the served run's export

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from tt_mimic.config import FeatureConfig
 from tt_mimic.data import ingest
+from tt_mimic.data import text
 
 NUMERIC_COLUMNS = ingest.NUMERIC_COLUMNS
 LOG_COLUMNS = ("rating_number", "price")  # log1p before normalization
@@ -125,7 +126,7 @@ class ItemPreprocessor(tf.keras.layers.Layer):
     self.title_vectorizer = tf.keras.layers.TextVectorization(
         vocabulary=_non_empty(title_vocab),
         output_sequence_length=config.title_length,
-        standardize="lower_and_strip_punctuation")
+        standardize=text.standardizer(config.title_standardize))
     self.normalization = tf.keras.layers.Normalization(
         mean=means, variance=variances)
 
@@ -157,7 +158,11 @@ class ItemPreprocessor(tf.keras.layers.Layer):
 
 @dataclasses.dataclass
 class Vocabularies:
-  """Everything the preprocessing layers are built from (training split)."""
+  """Everything the preprocessing layers are built from (training split).
+
+  `title_tokens` are tokens of titles standardized by `title_standardize`
+  (`text.STANDARDIZE`); only a preprocessor with the same one may use them.
+  """
   items: np.ndarray
   users: np.ndarray
   authors: list[str]
@@ -166,6 +171,7 @@ class Vocabularies:
   title_tokens: list[str]
   means: np.ndarray
   variances: np.ndarray
+  title_standardize: str = text.ASCII
 
   def sizes(self) -> dict:
     """Vocabulary sizes as the lookup layers see them (placeholder included)."""
@@ -191,7 +197,7 @@ def build_vocabularies(data: ingest.Ingested,
                         config.author_top_k)
   vectorizer = tf.keras.layers.TextVectorization(
       max_tokens=config.title_max_tokens,
-      standardize="lower_and_strip_punctuation")
+      standardize=text.standardizer(config.title_standardize))
   train_titles = items.loc[weight > 0, "title"].to_numpy(dtype=str)
   vectorizer.adapt(tf.constant(train_titles if train_titles.size else [""]))
   title_vocab = [t for t in vectorizer.get_vocabulary() if t not in ("", "[UNK]")]
@@ -200,11 +206,13 @@ def build_vocabularies(data: ingest.Ingested,
                       users=data.users, authors=author_vocab,
                       categories=category_vocab, top_categories=top_vocab,
                       title_tokens=title_vocab, means=means,
-                      variances=variances)
+                      variances=variances,
+                      title_standardize=config.title_standardize)
 
 
 _SAVED_VOCABULARIES = ("authors", "categories", "top_categories",
-                       "title_tokens", "means", "variances")
+                       "title_tokens", "means", "variances",
+                       "title_standardize")
 
 
 def save_vocabularies(vocab: Vocabularies, path: str) -> None:
@@ -217,7 +225,11 @@ def save_vocabularies(vocab: Vocabularies, path: str) -> None:
 
 
 def load_vocabularies(path: str, data: ingest.Ingested) -> Vocabularies:
-  """`build_vocabularies`' result from its saved state: nothing re-adapted."""
+  """`build_vocabularies`' result from its saved state: nothing re-adapted.
+
+  A state saved before `title_standardize` existed was adapted on "ascii"
+  titles, and loads as such.
+  """
   with open(path, encoding="utf-8") as f:
     state = json.load(f)
   return Vocabularies(
@@ -226,11 +238,23 @@ def load_vocabularies(path: str, data: ingest.Ingested) -> Vocabularies:
       categories=state["categories"], top_categories=state["top_categories"],
       title_tokens=state["title_tokens"],
       means=np.asarray(state["means"], np.float32),
-      variances=np.asarray(state["variances"], np.float32))
+      variances=np.asarray(state["variances"], np.float32),
+      title_standardize=state.get("title_standardize", text.ASCII))
 
 
 def make_preprocessor(vocab: Vocabularies,
                       config: FeatureConfig) -> ItemPreprocessor:
+  """The preprocessor of `vocab`.
+
+  Raises:
+    ValueError: `vocab`'s title tokens were made with another
+      `title_standardize` than `config`'s.
+  """
+  if vocab.title_standardize != config.title_standardize:
+    raise ValueError(
+        f"The title vocabulary was adapted with title_standardize="
+        f"{vocab.title_standardize!r}, not {config.title_standardize!r}; "
+        "rebuild the vocabularies.")
   return ItemPreprocessor(vocab.items, vocab.authors, vocab.categories,
                           vocab.top_categories, vocab.title_tokens,
                           vocab.means, vocab.variances, config)

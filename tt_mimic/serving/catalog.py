@@ -293,7 +293,7 @@ def _add_books(directory: str, books_csv: str,
   if new.empty and changed.empty:
     return result
 
-  candidate = tf.saved_model.load(os.path.join(directory, "candidate"))
+  candidate = recommend.load_candidate(directory)
   check = items.iloc[:min(_CHECK_ROWS, len(items))]
   if len(check):
     error = np.abs(embed(candidate, check)

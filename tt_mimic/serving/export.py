@@ -10,7 +10,9 @@ Layout under `<model_dir>/export/`:
                       embedding. The only SavedModel with per-user tables.
   index_scann/        embedding (+ exclusions) -> parent_asin, scores through
                       ScaNN (load after `import scann`); no per-user table
-  candidate/          raw book metadata -> embedding
+  candidate/          raw book metadata -> embedding (with
+                      --title_standardize=unicode, load after `import
+                      tensorflow_text`: recommender.load_candidate)
   items.parquet       corpus metadata, row-aligned with embeddings.npy
   embeddings.npy      candidate embeddings of the corpus
   seen.parquet        every known (userId, parent_asin) pair

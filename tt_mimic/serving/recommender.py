@@ -41,6 +41,8 @@ import pandas as pd
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
+from tt_mimic.data import text
+
 
 KNOWN_USER = "known user"
 HISTORY_BASED = "history-based (unknown user)"
@@ -173,6 +175,13 @@ def load_scann(version_directory: str):
         f"The ScaNN index needs the scann package ({e}); install "
         "scann[tf] or use the brute_force index.") from e
   return _load(os.path.join(version_directory, "index_scann"))
+
+
+def load_candidate(directory: str):
+  """`<export>/candidate`, importing tensorflow-text's ops first (a run
+  with --title_standardize=unicode standardizes titles with them)."""
+  text.load_ops()
+  return _load(os.path.join(directory, "candidate"))
 
 
 def _pad(rows: list[list[str]]) -> np.ndarray:
