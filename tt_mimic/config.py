@@ -331,6 +331,34 @@ class RunConfig:
                   for name in SECTIONS})
 
 
+def _plain(value):
+  """`value` as JSON would give it back (tuples as lists, others as str)."""
+  return json.loads(json.dumps(value, default=str))
+
+
+def same_settings(saved, current) -> bool:
+  """Whether a stamp saved in a run directory matches the current settings.
+
+  Both are nested dicts of settings (dataclasses.asdict of the configs). A
+  setting missing from the saved stamp, because the directory was made
+  before the setting existed, matches when its current value is the
+  default, the behaviour the older code had.
+  """
+  saved, current = _plain(saved), _plain(current)
+  defaults = _plain({f.name: f.default for cls in SECTIONS.values()
+                     for f in dataclasses.fields(cls)
+                     if f.default is not dataclasses.MISSING})
+
+  def same(a, b):
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+      return a == b
+    if a.keys() - b.keys():
+      return False
+    return all(same(a[key], b[key]) if key in a else
+               key in defaults and b[key] == defaults[key] for key in b)
+  return same(saved, current)
+
+
 def from_dict(cls, values: dict):
   """A config of `cls` from a dict (lists become tuples)."""
   names = {f.name for f in dataclasses.fields(cls)}

@@ -36,6 +36,7 @@ from tt_mimic.config import LossConfig
 from tt_mimic.config import RunConfig
 from tt_mimic.config import TowerConfig
 from tt_mimic.config import TrainConfig
+from tt_mimic.config import same_settings
 from tt_mimic.data import features
 from tt_mimic.data import ingest
 from tt_mimic.data import pipeline as data_lib
@@ -143,7 +144,7 @@ def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
            ("state.json", "vocabularies.json", "item_table.npz")}
   if state_dir and all(os.path.exists(p) for p in paths.values()):
     with open(paths["state.json"]) as f:
-      if json.load(f) == stamp:
+      if same_settings(json.load(f), stamp):
         vocab = features.load_vocabularies(paths["vocabularies.json"], data)
         with np.load(paths["item_table.npz"]) as saved:
           table = {name: saved[name] for name in saved.files}

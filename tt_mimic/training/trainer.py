@@ -23,6 +23,7 @@ import tensorflow as tf
 from tt_mimic.config import LossConfig
 from tt_mimic.config import TowerConfig
 from tt_mimic.config import TrainConfig
+from tt_mimic.config import same_settings
 from tt_mimic.data import pipeline as data_lib
 from tt_mimic.training import evaluation
 from tt_mimic.training import pipeline
@@ -319,7 +320,7 @@ def _claim(directory: str, settings: dict) -> None:
   text = json.dumps(settings, sort_keys=True, indent=1, default=str)
   if os.path.exists(path):
     with open(path) as f:
-      if f.read() == text:
+      if same_settings(json.load(f), settings):
         return
     logging.warning("%s was trained with other settings; starting over.",
                     directory)

@@ -1,0 +1,59 @@
+"""Stamps of run directories: settings added later keep old runs valid."""
+
+import dataclasses
+import json
+import os
+
+from tt_mimic import config
+from tt_mimic.training import trainer
+
+
+def _stamp(**features):
+  return {"features": dataclasses.asdict(
+      dataclasses.replace(config.FeatureConfig(), **features)),
+          "refit_epochs": 0}
+
+
+def test_equal_stamps_match_and_tuples_equal_lists():
+  tower = dataclasses.asdict(config.TowerConfig(hidden_units=(64, 32)))
+  saved = json.loads(json.dumps(tower))
+  assert isinstance(saved["hidden_units"], list)
+  assert config.same_settings(saved, tower)
+
+
+def test_a_setting_newer_than_the_stamp_matches_only_at_its_default():
+  saved = _stamp()
+  del saved["features"]["title_standardize"]
+  assert config.same_settings(saved, _stamp())
+  assert not config.same_settings(saved, _stamp(title_standardize="unicode"))
+
+
+def test_changed_removed_or_unknown_settings_do_not_match():
+  assert not config.same_settings(_stamp(), _stamp(history_length=7))
+  saved = _stamp()
+  saved["features"]["no_such_setting"] = 1
+  assert not config.same_settings(saved, _stamp())
+  saved = _stamp()
+  saved["no_such_section_value"] = 3
+  assert not config.same_settings(saved, _stamp())
+  # A missing key that is no setting at all has no default to match.
+  saved = _stamp()
+  del saved["refit_epochs"]
+  assert not config.same_settings(saved, _stamp())
+
+
+def test_claim_keeps_a_run_made_before_a_new_setting(tmp_path):
+  directory = str(tmp_path / "variant")
+  trainer._claim(directory, _stamp())
+  marker = os.path.join(directory, "weights")
+  open(marker, "w").close()
+  path = os.path.join(directory, "settings.json")
+  with open(path) as f:
+    old = json.load(f)
+  del old["features"]["title_standardize"]
+  with open(path, "w") as f:
+    json.dump(old, f)
+  trainer._claim(directory, _stamp())
+  assert os.path.exists(marker)
+  trainer._claim(directory, _stamp(title_standardize="unicode"))
+  assert not os.path.exists(marker)
