@@ -168,6 +168,10 @@ class TowerConfig(_Checked):
   history_dropout: float = setting(0.5, "Training-time chance of hiding a "
                                    "user's whole history.", lower=0.0,
                                    upper=1.0)
+  history_item_dropout: float = setting(
+      0.0, "Training-time chance of hiding each book of a user's history "
+      "on its own (denoising, as the input dropout of Mult-DAE, Liang et al. "
+      "2018).", lower=0.0, upper=0.95)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,6 +118,33 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     self.assertUnitNorm(p_u)
     self.assertAllClose(p_u[0], p_u[1], atol=1e-6)
 
+  def test_history_item_dropout_hides_single_books_in_training(self):
+    prep, built = build()
+    hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 2)
+    books = hist[hist != 0][:2]
+    user = int(prep.val.user_id[0])
+
+    def batch(*kept):
+      row = np.zeros_like(hist)
+      row[:len(kept)] = kept
+      return {"user_id": tf.constant([user], tf.int64),
+              "history": tf.constant(row[None, :])}
+    tower = user_tower(prep, built, history_item_dropout=0.5,
+                       history_dropout=0.0, user_id_dropout=0.0)
+    # Every subset of the two books, at inference (no dropout).
+    subsets = [tower(batch(*kept))[0][0] for kept in
+               ([books[0], books[1]], [books[0]], [books[1]], [])]
+    seen = set()
+    for _ in range(60):
+      p_u = tower(batch(*books), training=True)[0][0]
+      match = [i for i, s in enumerate(subsets)
+               if float(tf.reduce_max(tf.abs(p_u - s))) < 1e-5]
+      self.assertLen(match, 1)
+      seen.add(match[0])
+    # Each book is hidden on its own: single books survive, not only all
+    # or nothing.
+    self.assertEqual(seen, {0, 1, 2, 3})
+
   def test_without_user_id_embedding_a_user_is_their_history(self):
     prep, built = build()
     hist = prep.val.history[0]

@@ -234,6 +234,10 @@ class UserTower(tf.keras.Model):
       hide = (self.rng.uniform(tf.shape(history)[:1])
               < self.config.history_dropout)
       history = tf.where(hide[:, None], tf.zeros_like(history), history)
+    if training and self.config.history_item_dropout > 0:
+      hide = (self.rng.uniform(tf.shape(history))
+              < self.config.history_item_dropout)
+      history = tf.where(hide, tf.zeros_like(history), history)
     valid = tf.cast(history != 0, tf.float32)
     count = tf.math.log1p(tf.reduce_sum(valid, axis=1, keepdims=True))
     # History is most recent first, so the recent pool is its head.
