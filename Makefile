@@ -35,7 +35,7 @@ test: $(STAMP)  ## Run the test suite.
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 tensorboard: $(STAMP)  ## Open TensorBoard on saved_models/.
-	$(VENV)/bin/tensorboard --logdir saved_models --bind_all=false
+	$(VENV)/bin/tensorboard --logdir saved_models
 
 recommend: $(STAMP)  ## Recommend for USER=<id> from MODEL_DIR.
 	$(TT) recommend --model_dir=$(MODEL_DIR) --user_id='$(RECOMMEND_USER)' --k=10 $(ARGS)

@@ -215,8 +215,9 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
       self.assertEqual(sorted(s for s, _ in train_tags["epoch_loss_main"]),
                        [0, 1])
       val_tags = scalar_events(os.path.join(base, "validation"))
+      # The same steps as the train series: one chart lines epochs up.
       self.assertEqual(sorted(s for s, _ in val_tags["validation/recall@20"]),
-                       [1, 2])
+                       [0, 1])
       # epoch_loss is the epoch mean of the weighted terms (each itself an
       # epoch mean), not the last (partial) batch's value.
       values = {tag: dict(series) for tag, series in train_tags.items()}
@@ -229,6 +230,11 @@ class TrainEndToEndTest(tf.test.TestCase, MetricsMixin):
                             msg=name)
         self.assertAllClose(values["epoch_total_loss"][step],
                             values["epoch_loss"][step], rtol=1e-6)
+
+  def test_a_refit_logs_training_but_no_empty_validation_run(self):
+    base = self.path("tensorboard", "dat_refit")
+    self.assertTrue(glob.glob(os.path.join(base, "train", "events.out.*")))
+    self.assertFalse(glob.glob(os.path.join(base, "validation", "*")))
 
   def test_projector_is_a_tensorboard_run(self):
     # An event file makes TensorBoard list the projector directory as a run

@@ -161,7 +161,9 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
     entry = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
              **{f"val_{k}": float(v) for k, v in metrics.items()}}
     self.state["history"].append(entry)
-    with self.writer.as_default(step=epoch + 1):
+    # Step `epoch` (0-based), the step of Keras' own epoch series in
+    # train/, so a chart of both lines the same epoch up.
+    with self.writer.as_default(step=epoch):
       for name in ("recall@20", "ndcg@20", "recall@100", "mrr"):
         tf.summary.scalar(f"validation/{name}", metrics[name])
       lr = self.model.optimizer.learning_rate
@@ -225,8 +227,9 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
   finished_path = os.path.join(shared_dir or directory, "result.json")
   validation = FullCorpusValidation(
       built, prep, config, directory,
-      tf.summary.create_file_writer(os.path.join(tensorboard_dir,
-                                                 "validation")), shared_dir)
+      # A refit never validates: no empty validation run in TensorBoard.
+      None if refit_epochs else tf.summary.create_file_writer(
+          os.path.join(tensorboard_dir, "validation")), shared_dir)
   start = time.time()
   if os.path.exists(finished_path):
     logging.info("[%s] finished earlier; reloading its best weights.", name)
