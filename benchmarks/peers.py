@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from tt_mimic.data import ingest
 from tt_mimic.training import evaluation
+from tt_mimic.training import pipeline
 
 EASE_MAX_ITEMS = 40_000
 TUNE_METRIC = "recall@20"
@@ -129,12 +130,12 @@ def _tune(name: str, settings: Sequence[dict], fit: Callable[[dict], object],
       best = (val, params, model)
     del model
   val, params, model = best
-  test = evaluation.evaluate(scorer(model, prep.test), prep.test,
-                             batch_size=batch_size)
+  # Test metrics with segments, as the towers' (pipeline.test_metrics).
+  test = pipeline.test_metrics(scorer(model, prep.test), prep, batch_size)
   best = model = None  # free the tuned model before the refit
   if refit is not None:
-    test["refit_test"] = evaluation.evaluate(
-        scorer(refit(params), prep.test), prep.test, batch_size=batch_size)
+    test["refit_test"] = pipeline.test_metrics(
+        scorer(refit(params), prep.test), prep, batch_size)
   test.update(params=params, val=val, grid=grid,
               seconds=time.perf_counter() - start)
   for key, values in _grid_lists(settings).items():

@@ -114,11 +114,16 @@ def test_tune_ease_picks_from_grid_and_reports():
       data=types.SimpleNamespace(events=frame, items=range(N_ITEMS),
                                  users=range(N_USERS)),
       val=make_eval_set({1: [4], 2: [1], 4: [1]}),
-      test=make_eval_set({1: [4], 2: [1], 4: [1]}))
+      test=make_eval_set({1: [4], 2: [1], 4: [1]}),
+      item_counts=np.bincount(frame["item"], minlength=N_ITEMS + 1),
+      item_categories=np.array([""] * (N_ITEMS + 1), dtype=object))
   result = peers.tune_ease(prep, [1.0, 10.0], batch_size=2)
   assert result["params"]["lambda"] in (1.0, 10.0)
   assert [g["lambda"] for g in result["grid"]] == [1.0, 10.0]
   assert result["users"] == 3 and 0.0 <= result["recall@20"] <= 1.0
+  # The segments of the towers' test metrics, for the peer too.
+  activity = result["segments"]["user_activity"]
+  assert sum(b["users"] for b in activity.values()) == 3
 
 
 def test_als_scorer_rows_follow_eval_set_order():
