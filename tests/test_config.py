@@ -8,10 +8,15 @@ from tt_mimic import config
 from tt_mimic.training import trainer
 
 
-def _stamp(**features):
-  return {"features": dataclasses.asdict(
-      dataclasses.replace(config.FeatureConfig(), **features)),
-          "refit_epochs": 0}
+def _stamp(**changes):
+  """A run stamp (as trainer._claim writes) with settings changed."""
+  sections = {"features": config.FeatureConfig(), "tower": config.TowerConfig()}
+  out = {"refit_epochs": 0}
+  for name, section in sections.items():
+    mine = {k: v for k, v in changes.items()
+            if k in {f.name for f in dataclasses.fields(section)}}
+    out[name] = dataclasses.asdict(dataclasses.replace(section, **mine))
+  return out
 
 
 def test_equal_stamps_match_and_tuples_equal_lists():
@@ -23,9 +28,19 @@ def test_equal_stamps_match_and_tuples_equal_lists():
 
 def test_a_setting_newer_than_the_stamp_matches_only_at_its_default():
   saved = _stamp()
-  del saved["features"]["title_standardize"]
+  del saved["tower"]["history_item_dropout"]
   assert config.same_settings(saved, _stamp())
-  assert not config.same_settings(saved, _stamp(title_standardize="unicode"))
+  assert not config.same_settings(saved, _stamp(history_item_dropout=0.5))
+
+
+def test_a_setting_added_with_a_new_default_matches_the_old_behaviour():
+  # Titles were ASCII-standardized before --title_standardize existed; its
+  # default is now unicode.
+  assert config.FeatureConfig().title_standardize == "unicode"
+  saved = _stamp()
+  del saved["features"]["title_standardize"]
+  assert not config.same_settings(saved, _stamp())
+  assert config.same_settings(saved, _stamp(title_standardize="ascii"))
 
 
 def test_changed_removed_or_unknown_settings_do_not_match():
@@ -50,10 +65,10 @@ def test_claim_keeps_a_run_made_before_a_new_setting(tmp_path):
   path = os.path.join(directory, "settings.json")
   with open(path) as f:
     old = json.load(f)
-  del old["features"]["title_standardize"]
+  del old["tower"]["history_item_dropout"]
   with open(path, "w") as f:
     json.dump(old, f)
   trainer._claim(directory, _stamp())
   assert os.path.exists(marker)
-  trainer._claim(directory, _stamp(title_standardize="unicode"))
+  trainer._claim(directory, _stamp(history_item_dropout=0.5))
   assert not os.path.exists(marker)

@@ -118,7 +118,7 @@ class FeatureConfig(_Checked):
   title_max_tokens: int = setting(20000, "Title vocabulary size.", lower=2)
   title_length: int = setting(12, "Title tokens per book.", lower=1)
   title_standardize: str = setting(
-      "ascii", "How titles are standardized before they are split into "
+      "unicode", "How titles are standardized before they are split into "
       "tokens: ascii = lower-case A-Z and strip ASCII punctuation (Keras' "
       "default); unicode = tensorflow-text case folding with NFKC, "
       "stripping Unicode punctuation and symbols (accents kept).",
@@ -340,18 +340,24 @@ def _plain(value):
   return json.loads(json.dumps(value, default=str))
 
 
+# What a setting whose default changed when it was added did before it
+# existed: a stamp without it was made with this value, not the default.
+BEFORE_SETTING = {"title_standardize": "ascii"}
+
+
 def same_settings(saved, current) -> bool:
   """Whether a stamp saved in a run directory matches the current settings.
 
   Both are nested dicts of settings (dataclasses.asdict of the configs). A
   setting missing from the saved stamp, because the directory was made
-  before the setting existed, matches when its current value is the
-  default, the behaviour the older code had.
+  before the setting existed, matches when its current value is what the
+  older code did: the default, or its `BEFORE_SETTING` value.
   """
   saved, current = _plain(saved), _plain(current)
   defaults = _plain({f.name: f.default for cls in SECTIONS.values()
                      for f in dataclasses.fields(cls)
                      if f.default is not dataclasses.MISSING})
+  defaults.update(BEFORE_SETTING)
 
   def same(a, b):
     if not (isinstance(a, dict) and isinstance(b, dict)):

@@ -194,7 +194,8 @@ class TitleStandardizeTest(tf.test.TestCase, parameterized.TestCase):
     features.make_preprocessor(loaded,
                                FeatureConfig(title_standardize="unicode"))
     with self.assertRaisesRegex(ValueError, "title_standardize='unicode'"):
-      features.make_preprocessor(loaded, FeatureConfig())
+      features.make_preprocessor(loaded,
+                                 FeatureConfig(title_standardize="ascii"))
 
   def test_old_state_without_the_key_loads_as_ascii(self):
     data, _, path = self.save("ascii")
@@ -205,13 +206,13 @@ class TitleStandardizeTest(tf.test.TestCase, parameterized.TestCase):
       json.dump(state, f, ensure_ascii=False)
     loaded = features.load_vocabularies(path, data)
     self.assertEqual(loaded.title_standardize, "ascii")
-    features.make_preprocessor(loaded, FeatureConfig())
+    features.make_preprocessor(loaded, FeatureConfig(title_standardize="ascii"))
     with self.assertRaisesRegex(ValueError, "title_standardize='ascii'"):
       features.make_preprocessor(loaded,
                                  FeatureConfig(title_standardize="unicode"))
 
   def test_default_and_choices(self):
-    self.assertEqual(FeatureConfig().title_standardize, "ascii")
+    self.assertEqual(FeatureConfig().title_standardize, "unicode")
     with self.assertRaisesRegex(ValueError, "not one of"):
       FeatureConfig(title_standardize="latin")
 
