@@ -92,6 +92,10 @@ def test_base_cfg_matches_the_code_defaults(monkeypatch):
     listed = set(_flag_names(FLAGS.read_flags_from_files(
         ["--flagfile=flags/base.cfg"], force_gnu=False)))
     assert set(common.SERVE_FLAGS) <= listed
+    # Every setting is listed, so base.cfg is the whole list of defaults.
+    settings = {f.name for cls in config_lib.SECTIONS.values()
+                for f in dataclasses.fields(cls)}
+    assert settings <= listed, sorted(settings - listed)
 
 
 def test_base_cfg_check_can_fail(monkeypatch, tmp_path):
