@@ -21,6 +21,7 @@ import pandas as pd
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
+from tt_mimic.config import BEFORE_SETTING
 from tt_mimic.config import FeatureConfig
 from tt_mimic.data import ingest
 from tt_mimic.data import text
@@ -171,7 +172,7 @@ class Vocabularies:
   title_tokens: list[str]
   means: np.ndarray
   variances: np.ndarray
-  title_standardize: str = text.ASCII
+  title_standardize: str
 
   def sizes(self) -> dict:
     """Vocabulary sizes as the lookup layers see them (placeholder included)."""
@@ -227,8 +228,8 @@ def save_vocabularies(vocab: Vocabularies, path: str) -> None:
 def load_vocabularies(path: str, data: ingest.Ingested) -> Vocabularies:
   """`build_vocabularies`' result from its saved state: nothing re-adapted.
 
-  A state saved before `title_standardize` existed was adapted on "ascii"
-  titles, and loads as such.
+  A state saved before `title_standardize` existed was adapted with the
+  standardize of that time (`config.BEFORE_SETTING`), and loads as such.
   """
   with open(path, encoding="utf-8") as f:
     state = json.load(f)
@@ -239,7 +240,8 @@ def load_vocabularies(path: str, data: ingest.Ingested) -> Vocabularies:
       title_tokens=state["title_tokens"],
       means=np.asarray(state["means"], np.float32),
       variances=np.asarray(state["variances"], np.float32),
-      title_standardize=state.get("title_standardize", text.ASCII))
+      title_standardize=state.get("title_standardize",
+                                  BEFORE_SETTING["title_standardize"]))
 
 
 def make_preprocessor(vocab: Vocabularies,
