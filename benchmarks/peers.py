@@ -134,8 +134,12 @@ def _tune(name: str, settings: Sequence[dict], fit: Callable[[dict], object],
   test = pipeline.test_metrics(scorer(model, prep.test), prep, batch_size)
   best = model = None  # free the tuned model before the refit
   if refit is not None:
+    # Books segmented by the counts the refit saw, as dat_refit's are
+    # (pipeline.refit_view).
     test["refit_test"] = pipeline.test_metrics(
-        scorer(refit(params), prep.test), prep, batch_size)
+        scorer(refit(params), prep.test), prep, batch_size,
+        item_counts=pipeline.item_counts(prep.data.events,
+                                         len(prep.data.items), REFIT_SPLITS))
   test.update(params=params, val=val, grid=grid,
               seconds=time.perf_counter() - start)
   for key, values in _grid_lists(settings).items():

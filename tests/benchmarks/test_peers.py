@@ -126,6 +126,29 @@ def test_tune_ease_picks_from_grid_and_reports():
   assert sum(b["users"] for b in activity.values()) == 3
 
 
+def test_refit_segments_count_validation_events():
+  # Book 4 (1-based) has 2 training events (cold) and 2 validation events:
+  # warm for the refit, which fits on both, as dat_refit's segments say.
+  frame = events({1: [4], 2: [1], 4: [1]})
+  val = pd.DataFrame({"user": [2, 4], "item": [4, 4],
+                      "split": ingest.SPLIT_VAL, "timestamp": [100, 101]})
+  frame = pd.concat([frame, val], ignore_index=True)
+  counts = np.bincount(frame[frame["split"] == ingest.SPLIT_TRAIN]["item"],
+                       minlength=N_ITEMS + 1)
+  prep = types.SimpleNamespace(
+      data=types.SimpleNamespace(events=frame, items=range(N_ITEMS),
+                                 users=range(N_USERS)),
+      val=make_eval_set({1: [4], 2: [1], 4: [1]}),
+      test=make_eval_set({1: [4], 2: [1], 4: [1]}),
+      item_counts=counts,
+      item_categories=np.array([""] * (N_ITEMS + 1), dtype=object))
+  result = peers.tune_ease(prep, [1.0], batch_size=2)
+  # Test targets: book 4 once, book 1 twice.
+  assert result["segments"]["cold_books"]["cold"]["targets"] == 1
+  refit = result["refit_test"]["segments"]["cold_books"]
+  assert "cold" not in refit and refit["warm"]["targets"] == 3
+
+
 def test_als_scorer_rows_follow_eval_set_order():
   pytest.importorskip("implicit")
   fitted = peers.als_fit(USERS, ITEMS, N_USERS, N_ITEMS, factors=3,

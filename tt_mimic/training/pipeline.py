@@ -202,9 +202,8 @@ def _with_fit(prep: Prepared, train_config: TrainConfig,
   known_users = np.zeros(num_users + 1, bool)
   known_users[fit["user"].to_numpy()] = True
   user_id_index = np.where(known_users, np.arange(num_users + 1), 0)
-  counts = np.bincount(fit["item"].to_numpy(),
-                       minlength=len(prep.data.items) + 1).astype(np.float64)
-  counts[0] = 0
+  counts = item_counts(events, len(prep.data.items), splits).astype(
+      np.float64)
   h = prep.feature_config.history_length
   # Validation knows the training events; test also knows validation's, as
   # a deployed model would (DESIGN.md, "Evaluation").
@@ -219,6 +218,16 @@ def _with_fit(prep: Prepared, train_config: TrainConfig,
       val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
       test=make(ingest.SPLIT_TEST, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)),
       fit_splits=tuple(splits), refit_cache=None)
+
+
+def item_counts(events, num_items: int,
+                splits: tuple[int, ...]) -> np.ndarray:
+  """[num_items + 1] int64: each book's events in `splits` (index 0, the
+  padding, 0): the counts a model fitted on those splits saw."""
+  fit = events[events["split"].isin(splits)]
+  counts = np.bincount(fit["item"].to_numpy(), minlength=num_items + 1)
+  counts[0] = 0
+  return counts.astype(np.int64)
 
 
 def refit_view(prep: Prepared, train_config: TrainConfig) -> Prepared:
@@ -423,16 +432,20 @@ def item_embeddings(encoder: model_lib.ItemIndexEncoder, num_items: int,
 
 
 def test_metrics(score_fn, prep: Prepared, batch_size: int,
-                 ks=evaluation.KS) -> dict:
+                 ks=evaluation.KS,
+                 item_counts: np.ndarray | None = None) -> dict:
   """Full-corpus test metrics at cut-offs `ks`, with `segments`
   (evaluation.segment_metrics: by user activity, book popularity, cold
-  books and category)."""
+  books and category). Books are segmented by `item_counts` (default
+  `prep.item_counts`, the counts of the events `prep`'s models fit on)."""
   metrics, ranked = evaluation.evaluate(score_fn, prep.test, ks=ks,
                                         batch_size=batch_size,
                                         return_ranked=True)
   if ranked is not None:
     metrics["segments"] = evaluation.segment_metrics(
-        ranked, prep.test, prep.item_counts, prep.item_categories)
+        ranked, prep.test,
+        prep.item_counts if item_counts is None else item_counts,
+        prep.item_categories)
   return metrics
 
 
