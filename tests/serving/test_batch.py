@@ -36,6 +36,7 @@ def test_all_users_in_chunks_match_recommend_batch(rec, users, tmp_path):
                                         total=len(known))
   assert summary["users"] == len(users)
   assert summary["by_source"] == {recommend.KNOWN_USER: len(users)}
+  assert summary["short_users"] == summary["empty_users"] == 0
   assert not os.path.exists(path + ".tmp")
   file = pq.ParquetFile(path)
   assert file.schema_arrow == batch.SCHEMA
@@ -86,6 +87,27 @@ def test_bad_k_and_a_failure_leave_no_file(rec, users, tmp_path,
   with pytest.raises(RuntimeError):
     batch.write_recommendations(rec, users, path, k=2, chunk_size=4)
   assert os.listdir(tmp_path) == []
+
+
+def test_short_and_empty_answers_are_counted(rec, users, tmp_path,
+                                             monkeypatch):
+  def cut(chunk, *args):
+    answers = recommend.Recommender.recommend_batch(rec, chunk, *args)
+    for i, user in enumerate(chunk):  # users[0]: none; users[1]: one book
+      if user == users[0]:
+        del answers[i][:]
+      elif user == users[1]:
+        del answers[i][1:]
+    return answers
+
+  monkeypatch.setattr(rec, "recommend_batch", cut)
+  path = str(tmp_path / "short.parquet")
+  summary = batch.write_recommendations(rec, users[:5], path, k=3,
+                                        chunk_size=2)
+  assert summary["short_users"] == 2 and summary["empty_users"] == 1
+  assert summary["users"] == 5 and summary["rows"] == 3 * 3 + 1
+  frame = pq.read_table(path).to_pandas()
+  assert users[0] not in set(frame["userId"])
 
 
 def test_progress_lines(rec, users, tmp_path, monkeypatch):

@@ -12,6 +12,11 @@ chunk whatever the number of users. The file has one row per (user, rank):
   source       str    how the user was answered (known user, popularity
                       for an unknown user; see `recommender`)
 
+A user answered with fewer than k books (e.g. one who has read most of the
+export's candidates, with seen books excluded) has fewer rows, and one with
+none has no row: the summary counts both (`short_users`, `empty_users`), so
+no user leaves the file unreported.
+
 It is written as `<path>.tmp` and renamed when complete, so a reader never
 sees half a file. Users come from the export (`all_users`: every user it
 knows, in its order) or from a text file of ids, one per line
@@ -23,6 +28,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator
 
+from absl import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -94,7 +100,9 @@ def write_recommendations(rec: recommender_lib.Recommender,
     total: the number of users, for the progress lines (optional).
 
   Returns:
-    {"path", "users", "rows", "by_source": {source: users}}.
+    {"path", "users", "rows", "by_source": {source: users},
+     "short_users": users with fewer than k books (including none),
+     "empty_users": users with none (absent from the file)}.
 
   Raises:
     ValueError: bad k or chunk_size.
@@ -107,7 +115,7 @@ def write_recommendations(rec: recommender_lib.Recommender,
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   partial = path + ".tmp"
   progress = progress_lib.Progress("batch recommendations", total, "users")
-  n_users, n_rows, by_source = 0, 0, {}
+  n_users, n_rows, by_source, short, empty = 0, 0, {}, 0, 0
   try:
     with pq.ParquetWriter(partial, SCHEMA) as writer:
       for chunk in _chunks(users, chunk_size):
@@ -116,6 +124,8 @@ def write_recommendations(rec: recommender_lib.Recommender,
         writer.write_table(table)
         for recs in answers:
           by_source[recs.source] = by_source.get(recs.source, 0) + 1
+          short += len(recs) < k
+          empty += not recs
         n_users += len(chunk)
         n_rows += table.num_rows
         progress.add(len(chunk))
@@ -124,5 +134,9 @@ def write_recommendations(rec: recommender_lib.Recommender,
     if os.path.exists(partial):
       os.remove(partial)
   progress.done()
+  if short:
+    logging.warning("batch recommendations: %d of %d users got fewer than %d "
+                    "books (%d got none and have no row in %s).", short,
+                    n_users, k, empty, path)
   return {"path": path, "users": n_users, "rows": n_rows,
-          "by_source": by_source}
+          "by_source": by_source, "short_users": short, "empty_users": empty}
