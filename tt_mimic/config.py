@@ -207,6 +207,11 @@ class TrainConfig(_Checked):
                              "or cosine decay to 0 over --epochs.",
                              choices=("constant", "cosine"))
   weight_decay: float = setting(1e-4, "AdamW weight decay.", lower=0.0)
+  ema_momentum: float = setting(
+      0.0, "Weight averaging: validation, the best and refit weights and the "
+      "export use an exponential moving average of the trained weights with "
+      "this momentum (e.g. 0.99; 0 = off, the raw weights).", lower=0.0,
+      upper=0.9999)
   early_stopping_metric: str = setting(
       "recall@20", "Validation metric for early stopping and best weights.",
       choices=METRICS)

@@ -580,3 +580,91 @@ class MixedPrecisionTest(tf.test.TestCase):
         fresh.model.load_weights(os.path.join(
             self.get_temp_dir(), precision, "best", "weights")).expect_partial()
         self.assertAllClose(fresh.user_tower(batch)[0], p_u, atol=0.05)
+
+
+class WeightAveragingTest(tf.test.TestCase):
+  """--ema_momentum: validation, the best weights and a refit use the
+  optimizer's moving average of the weights."""
+
+  def test_averaged_weights_swaps_the_average_in_and_back(self):
+    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
+    model.build([None, 3])
+    optimizer = trainer.make_optimizer(TrainConfig(learning_rate=0.1,
+                                                   ema_momentum=0.5))
+    model.compile(optimizer=optimizer)
+    variables = model.trainable_variables
+    average = [v.numpy() for v in variables]
+    for step in range(3):
+      grads = [tf.fill(v.shape, float(step + 1)) for v in variables]
+      optimizer.apply_gradients(zip(grads, variables))
+      average = [0.5 * a + 0.5 * v.numpy() for a, v in zip(average, variables)]
+    trained = [v.numpy() for v in variables]
+    self.assertNotAllClose(trained[0], average[0])
+    with trainer.averaged_weights(model):
+      for v, a in zip(variables, average):
+        self.assertAllClose(v, a)
+    for v, t in zip(variables, trained):
+      self.assertAllClose(v, t)
+
+  def test_off_by_default(self):
+    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
+    model.build([None, 3])
+    model.compile(optimizer=trainer.make_optimizer(TrainConfig()))
+    before = [v.numpy() for v in model.trainable_variables]
+    with trainer.averaged_weights(model):
+      pass
+    trainer.write_average(model)
+    for v, b in zip(model.trainable_variables, before):
+      self.assertAllEqual(v, b)
+
+  def test_best_weights_are_the_validated_average(self):
+    root = self.get_temp_dir()
+    prep = pipeline.prepare(tiny_data.ingested(root, n_users=120),
+                            FeatureConfig(history_length=5),
+                            TrainConfig(eval_max_users=50))
+    config = TrainConfig(batch_size=64, epochs=3, patience=0, verbose=0,
+                         eval_max_users=50, learning_rate=0.01,
+                         ema_momentum=0.9)
+    tower, loss = TowerConfig(8, (16,), 8), LossConfig()
+    real_evaluate, seen = evaluation.evaluate, []
+
+    def evaluate(score_fn, eval_set, **kwargs):
+      # During training: are the model's weights the optimizer's average?
+      model = built_models[0].model
+      optimizer = model.optimizer
+      if optimizer is not None and optimizer.iterations > 0:
+        v = model.trainable_variables[0]
+        average = optimizer._model_variables_moving_average[  # pylint: disable=protected-access
+            optimizer._index_dict[optimizer._var_key(v)]]  # pylint: disable=protected-access
+        seen.append(np.allclose(v.numpy(), average.numpy()))
+      return real_evaluate(score_fn, eval_set, **kwargs)
+
+    built_models = []
+    real_build = pipeline.build
+    with mock.patch.object(
+        pipeline, "build",
+        side_effect=lambda *a, **k: built_models.append(real_build(*a, **k))
+        or built_models[-1]), \
+        mock.patch.object(trainer.evaluation, "evaluate", evaluate):
+      built, result = trainer.train_variant(
+          "dat", prep, tower, loss, config, os.path.join(root, "ema"))
+    # Each epoch's validation ran on the average (the test scoring after it
+    # may run on an earlier epoch's average: the best weights).
+    self.assertEqual(seen[:config.epochs], [True] * config.epochs)
+    best = result["history"][result["best_epoch"] - 1]
+    # The loaded best weights score on validation what the callback saw.
+    again = evaluation.evaluate(
+        pipeline.model_scorer(built, len(prep.data.items)), prep.val,
+        batch_size=config.eval_batch_size)
+    self.assertAllClose(again["recall@20"], best["val_recall@20"])
+    self.assertAllClose(again["ndcg@20"], best["val_ndcg@20"])
+    # A refit keeps the average, not the last step's weights.
+    view = pipeline.refit_view(prep, config)
+    refit, _ = trainer.train_variant(
+        "dat_refit", view, tower, loss, config,
+        os.path.join(root, "ema_refit"), refit_epochs=2)
+    optimizer = refit.model.optimizer
+    for v in refit.model.trainable_variables:
+      average = optimizer._model_variables_moving_average[  # pylint: disable=protected-access
+          optimizer._index_dict[optimizer._var_key(v)]]  # pylint: disable=protected-access
+      self.assertAllClose(v, average)

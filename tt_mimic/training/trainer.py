@@ -9,6 +9,7 @@ when the same run is started again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -77,18 +78,54 @@ def make_optimizer(config: TrainConfig,
   else:
     raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; expected "
                      "constant or cosine.")
+  # Weight averaging: Keras keeps the average inside the optimizer (its
+  # variables, so a backup holds it) and `fit` ends by writing it into the
+  # model; `averaged_weights` swaps it in for each epoch's validation.
+  ema = {"use_ema": config.ema_momentum > 0,
+         "ema_momentum": config.ema_momentum or 0.99}
   optimizer = {
-      "adam": lambda: tf.keras.optimizers.Adam(lr),
-      "lazy_adam": lambda: LazyAdam(lr),
-      "adagrad": lambda: tf.keras.optimizers.Adagrad(lr),
+      "adam": lambda: tf.keras.optimizers.Adam(lr, **ema),
+      "lazy_adam": lambda: LazyAdam(lr, **ema),
+      "adagrad": lambda: tf.keras.optimizers.Adagrad(lr, **ema),
       "adamw": lambda: tf.keras.optimizers.AdamW(
-          lr, weight_decay=config.weight_decay),
+          lr, weight_decay=config.weight_decay, **ema),
   }[config.optimizer]()
   if config.precision == "mixed_float16":
     # float16 gradients underflow without loss scaling (DATModel.train_step
     # scales the loss and unscales the gradients).
     optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+@contextlib.contextmanager
+def averaged_weights(model: tf.keras.Model):
+  """Within the block the model holds its optimizer's moving average of the
+  trainable weights (`--ema_momentum`); the trained weights come back after
+  it. Nothing changes without weight averaging."""
+  if not _averaging(model):
+    yield
+    return
+  trained = [tf.identity(v) for v in model.trainable_variables]
+  write_average(model)
+  try:
+    yield
+  finally:
+    for variable, value in zip(model.trainable_variables, trained):
+      variable.assign(value)
+
+
+def _averaging(model: tf.keras.Model):
+  """The optimizer that keeps `model`'s weight average, or None."""
+  optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+  return optimizer if getattr(optimizer, "use_ema", False) else None
+
+
+def write_average(model: tf.keras.Model) -> None:
+  """Writes the weight average into `model` (`fit` does so when it ends,
+  except through a loss-scale wrapper; writing it twice changes nothing)."""
+  optimizer = _averaging(model)
+  if optimizer is not None:
+    optimizer.finalize_variable_values(model.trainable_variables)
 
 
 _STRATEGIES = {}
@@ -154,6 +191,10 @@ class FullCorpusValidation(tf.keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     if any(h["epoch"] == epoch + 1 for h in self.state["history"]):
       return  # already validated before a resume
+    with averaged_weights(self.model):
+      self._validate(epoch, logs)
+
+  def _validate(self, epoch, logs):
     scorer = pipeline.model_scorer(self.built, len(self.prep.data.items))
     metrics = evaluation.evaluate(scorer, self.prep.val,
                                   batch_size=self.config.eval_batch_size)
@@ -274,6 +315,7 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
           "--learning_rate or raise --temperature; no metric is reported "
           "for this run.") from None
     if refit_epochs:
+      write_average(built.model)  # the refit keeps its averaged weights
       built.model.save_weights(validation.best_path)
       result = {"history": [], "best_epoch": refit_epochs, "refit": True}
     else:
