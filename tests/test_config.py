@@ -10,7 +10,8 @@ from tt_mimic.training import trainer
 
 def _stamp(**changes):
   """A run stamp (as trainer._claim writes) with settings changed."""
-  sections = {"features": config.FeatureConfig(), "tower": config.TowerConfig()}
+  sections = {"features": config.FeatureConfig(), "tower": config.TowerConfig(),
+              "train": config.TrainConfig()}
   out = {"refit_epochs": 0}
   for name, section in sections.items():
     mine = {k: v for k, v in changes.items()
@@ -41,6 +42,12 @@ def test_a_setting_added_with_a_new_default_matches_the_old_behaviour():
   del saved["features"]["title_standardize"]
   assert not config.same_settings(saved, _stamp())
   assert config.same_settings(saved, _stamp(title_standardize="ascii"))
+  # No weight averaging before --ema_momentum existed; it is on by default.
+  assert config.TrainConfig().ema_momentum > 0
+  saved = _stamp()
+  del saved["train"]["ema_momentum"]
+  assert not config.same_settings(saved, _stamp())
+  assert config.same_settings(saved, _stamp(ema_momentum=0.0))
 
 
 def test_changed_removed_or_unknown_settings_do_not_match():

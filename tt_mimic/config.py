@@ -208,7 +208,7 @@ class TrainConfig(_Checked):
                              choices=("constant", "cosine"))
   weight_decay: float = setting(1e-4, "AdamW weight decay.", lower=0.0)
   ema_momentum: float = setting(
-      0.0, "Weight averaging: validation, the best and refit weights and the "
+      0.99, "Weight averaging: validation, the best and refit weights and the "
       "export use an exponential moving average of the trained weights with "
       "this momentum (e.g. 0.99; 0 = off, the raw weights).", lower=0.0,
       upper=0.9999)
@@ -348,7 +348,7 @@ def _plain(value):
 # What a setting whose default changed when it was added did before it
 # existed: a stamp or saved state without it was made with this value, not
 # the default (read by same_settings and features.load_vocabularies).
-BEFORE_SETTING = {"title_standardize": "ascii"}
+BEFORE_SETTING = {"title_standardize": "ascii", "ema_momentum": 0.0}
 
 
 def same_settings(saved, current) -> bool:
