@@ -606,16 +606,23 @@ class WeightAveragingTest(tf.test.TestCase):
     for v, t in zip(variables, trained):
       self.assertAllClose(v, t)
 
-  def test_off_by_default(self):
-    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
-    model.build([None, 3])
-    model.compile(optimizer=trainer.make_optimizer(TrainConfig()))
-    before = [v.numpy() for v in model.trainable_variables]
-    with trainer.averaged_weights(model):
-      pass
-    trainer.write_average(model)
-    for v, b in zip(model.trainable_variables, before):
-      self.assertAllEqual(v, b)
+  def test_nothing_changes_when_off_or_before_the_first_step(self):
+    for config, steps in ((TrainConfig(ema_momentum=0.0), 2),
+                          (TrainConfig(), 0)):
+      model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
+      model.build([None, 3])
+      optimizer = trainer.make_optimizer(config)
+      model.compile(optimizer=optimizer)
+      for _ in range(steps):
+        optimizer.apply_gradients(
+            [(tf.ones_like(v), v) for v in model.trainable_variables])
+      before = [v.numpy() for v in model.trainable_variables]
+      with trainer.averaged_weights(model):
+        for v, b in zip(model.trainable_variables, before):
+          self.assertAllEqual(v, b)
+      trainer.write_average(model)
+      for v, b in zip(model.trainable_variables, before):
+        self.assertAllEqual(v, b)
 
   def test_best_weights_are_the_validated_average(self):
     root = self.get_temp_dir()

@@ -115,9 +115,12 @@ def averaged_weights(model: tf.keras.Model):
 
 
 def _averaging(model: tf.keras.Model):
-  """The optimizer that keeps `model`'s weight average, or None."""
+  """The optimizer that keeps `model`'s weight average, or None (also
+  before its first step, when the average is the weights themselves)."""
   optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-  return optimizer if getattr(optimizer, "use_ema", False) else None
+  if not getattr(optimizer, "use_ema", False) or int(optimizer.iterations) == 0:
+    return None
+  return optimizer
 
 
 def write_average(model: tf.keras.Model) -> None:
