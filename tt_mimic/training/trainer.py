@@ -105,6 +105,8 @@ def averaged_weights(model: tf.keras.Model):
   if not _averaging(model):
     yield
     return
+  # A copy of the trained weights while the block runs (tables included:
+  # memory for one more set of weights during validation).
   trained = [tf.identity(v) for v in model.trainable_variables]
   write_average(model)
   try:
@@ -124,8 +126,8 @@ def _averaging(model: tf.keras.Model):
 
 
 def write_average(model: tf.keras.Model) -> None:
-  """Writes the weight average into `model` (`fit` does so when it ends,
-  except through a loss-scale wrapper; writing it twice changes nothing)."""
+  """Writes the weight average into `model` (`fit` also does so when it
+  ends; writing it twice changes nothing)."""
   optimizer = _averaging(model)
   if optimizer is not None:
     optimizer.finalize_variable_values(model.trainable_variables)
@@ -318,7 +320,9 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
           "--learning_rate or raise --temperature; no metric is reported "
           "for this run.") from None
     if refit_epochs:
-      write_average(built.model)  # the refit keeps its averaged weights
+      # The refit keeps its averaged weights (fit has written them; this
+      # does not depend on it).
+      write_average(built.model)
       built.model.save_weights(validation.best_path)
       result = {"history": [], "best_epoch": refit_epochs, "refit": True}
     else:
