@@ -120,7 +120,9 @@ def _averaging(model: tf.keras.Model):
   """The optimizer that keeps `model`'s weight average, or None (also
   before its first step, when the average is the weights themselves)."""
   optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-  if not getattr(optimizer, "use_ema", False) or int(optimizer.iterations) == 0:
+  if (not getattr(optimizer, "use_ema", False)
+      # get_value: the step count is a MirroredVariable under tf.distribute.
+      or int(tf.keras.backend.get_value(optimizer.iterations)) == 0):
     return None
   return optimizer
 
