@@ -54,6 +54,13 @@ def run_main(values: dict) -> float:
   return time.time() - start
 
 
+def tiny_prep(root):
+  """A prepared 120-user tiny dataset, histories of 5, 50 evaluated users."""
+  return pipeline.prepare(tiny_data.ingested(root, n_users=120),
+                          FeatureConfig(history_length=5),
+                          TrainConfig(eval_max_users=50))
+
+
 def read_json(path):
   with open(path) as f:
     return json.load(f)
@@ -474,9 +481,7 @@ class CrashDuringValidationTest(tf.test.TestCase):
 
   def test_history_is_complete_after_crash_in_validation(self):
     root = self.get_temp_dir()
-    prep = pipeline.prepare(tiny_data.ingested(root, n_users=120),
-                            FeatureConfig(history_length=5),
-                            TrainConfig(eval_max_users=50))
+    prep = tiny_prep(root)
     config = TrainConfig(batch_size=64, epochs=3, patience=0, verbose=0,
                          eval_max_users=50)
     tower = TowerConfig(8, (16,), 8, use_amm=False)
@@ -534,9 +539,7 @@ class MixedPrecisionTest(tf.test.TestCase):
 
   def _train(self, precision):
     root = self.get_temp_dir()
-    prep = pipeline.prepare(tiny_data.ingested(root, n_users=120),
-                            FeatureConfig(history_length=5),
-                            TrainConfig(eval_max_users=50))
+    prep = tiny_prep(root)
     config = TrainConfig(batch_size=64, epochs=2, patience=0, verbose=0,
                          eval_max_users=50, precision=precision,
                          learning_rate=0.01)
@@ -626,9 +629,7 @@ class WeightAveragingTest(tf.test.TestCase):
 
   def test_best_weights_are_the_validated_average(self):
     root = self.get_temp_dir()
-    prep = pipeline.prepare(tiny_data.ingested(root, n_users=120),
-                            FeatureConfig(history_length=5),
-                            TrainConfig(eval_max_users=50))
+    prep = tiny_prep(root)
     config = TrainConfig(batch_size=64, epochs=3, patience=0, verbose=0,
                          eval_max_users=50, learning_rate=0.01,
                          ema_momentum=0.9)
