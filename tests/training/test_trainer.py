@@ -585,6 +585,13 @@ class MixedPrecisionTest(tf.test.TestCase):
         self.assertAllClose(fresh.user_tower(batch)[0], p_u, atol=0.05)
 
 
+def _average(optimizer, variable):
+  """The optimizer's moving average of `variable` (Keras keeps it private)."""
+  # pylint: disable=protected-access
+  return optimizer._model_variables_moving_average[
+      optimizer._index_dict[optimizer._var_key(variable)]]
+
+
 class WeightAveragingTest(tf.test.TestCase):
   """--ema_momentum: validation, the best weights and a refit use the
   optimizer's moving average of the weights."""
@@ -642,8 +649,7 @@ class WeightAveragingTest(tf.test.TestCase):
       optimizer = model.optimizer
       if optimizer is not None and optimizer.iterations > 0:
         v = model.trainable_variables[0]
-        average = optimizer._model_variables_moving_average[  # pylint: disable=protected-access
-            optimizer._index_dict[optimizer._var_key(v)]]  # pylint: disable=protected-access
+        average = _average(optimizer, v)
         seen.append(np.allclose(v.numpy(), average.numpy()))
       return real_evaluate(score_fn, eval_set, **kwargs)
 
@@ -673,6 +679,5 @@ class WeightAveragingTest(tf.test.TestCase):
         os.path.join(root, "ema_refit"), refit_epochs=2)
     optimizer = refit.model.optimizer
     for v in refit.model.trainable_variables:
-      average = optimizer._model_variables_moving_average[  # pylint: disable=protected-access
-          optimizer._index_dict[optimizer._var_key(v)]]  # pylint: disable=protected-access
+      average = _average(optimizer, v)
       self.assertAllClose(v, average)

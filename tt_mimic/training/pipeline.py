@@ -202,8 +202,7 @@ def _with_fit(prep: Prepared, train_config: TrainConfig,
   known_users = np.zeros(num_users + 1, bool)
   known_users[fit["user"].to_numpy()] = True
   user_id_index = np.where(known_users, np.arange(num_users + 1), 0)
-  counts = item_counts(events, len(prep.data.items), splits).astype(
-      np.float64)
+  counts = item_counts(events, len(prep.data.items), splits)
   h = prep.feature_config.history_length
   # Validation knows the training events; test also knows validation's, as
   # a deployed model would (DESIGN.md, "Evaluation").
@@ -214,7 +213,7 @@ def _with_fit(prep: Prepared, train_config: TrainConfig,
       prep, sequence=data_lib.train_sequence(events, splits),
       user_id_index=user_id_index,
       item_probability=(counts / counts.sum()).astype(np.float32),
-      item_counts=counts.astype(np.int64),
+      item_counts=counts,
       val=make(ingest.SPLIT_VAL, (ingest.SPLIT_TRAIN,)),
       test=make(ingest.SPLIT_TEST, (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)),
       fit_splits=tuple(splits), refit_cache=None)

@@ -82,7 +82,7 @@ def make_optimizer(config: TrainConfig,
   # variables, so a backup holds it) and `fit` ends by writing it into the
   # model; `averaged_weights` swaps it in for each epoch's validation.
   ema = {"use_ema": config.ema_momentum > 0,
-         "ema_momentum": config.ema_momentum or 0.99}
+         "ema_momentum": config.ema_momentum}
   optimizer = {
       "adam": lambda: tf.keras.optimizers.Adam(lr, **ema),
       "lazy_adam": lambda: LazyAdam(lr, **ema),
@@ -128,8 +128,7 @@ def _averaging(model: tf.keras.Model):
 
 
 def write_average(model: tf.keras.Model) -> None:
-  """Writes the weight average into `model` (`fit` also does so when it
-  ends; writing it twice changes nothing)."""
+  """Writes the weight average into `model` (as `fit` does when it ends)."""
   optimizer = _averaging(model)
   if optimizer is not None:
     optimizer.finalize_variable_values(model.trainable_variables)
@@ -322,9 +321,8 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
           "--learning_rate or raise --temperature; no metric is reported "
           "for this run.") from None
     if refit_epochs:
-      # The refit keeps its averaged weights (fit has written them; this
-      # does not depend on it).
-      write_average(built.model)
+      # `fit` has written the weight average into the model: the refit
+      # keeps its averaged weights.
       built.model.save_weights(validation.best_path)
       result = {"history": [], "best_epoch": refit_epochs, "refit": True}
     else:
