@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -324,6 +325,8 @@ _LINE = st.one_of(_RECORD, st.binary(max_size=20), st.sampled_from(
 @settings(max_examples=80, deadline=None)
 @given(lines=st.lists(_LINE, max_size=12), compress=st.booleans(),
        truncate=st.integers(0, 4), limit=st.sampled_from([6, 4096]))
+# Found by the fuzzer: a first line that is only a byte order mark is blank.
+@example(lines=[b"\xef\xbb\xbf", {}], compress=False, truncate=0, limit=6)
 def test_fuzz_lines_never_crash_and_counts_add_up(lines, compress, truncate,
                                                   limit):
   with tempfile.TemporaryDirectory() as directory, \
@@ -345,8 +348,14 @@ def test_fuzz_lines_never_crash_and_counts_add_up(lines, compress, truncate,
         continue
       part = report["books" if name.startswith("meta") else "events"]
       if not (truncate and compress):
-        rows = sum(1 for x in lines if (
-            json.dumps(x) if isinstance(x, dict) else
-            x.replace(b"\n", b"").decode("utf-8", "surrogateescape")
-            if isinstance(x, bytes) else x).strip())
+        def text(i, x):
+          if isinstance(x, dict):
+            return json.dumps(x)
+          if isinstance(x, bytes):
+            x = x.replace(b"\n", b"")
+            if i == 0 and x.startswith(b"\xef\xbb\xbf"):
+              x = x[3:]  # the reader drops a byte order mark at the start
+            return x.decode("utf-8", "surrogateescape")
+          return x
+        rows = sum(1 for i, x in enumerate(lines) if text(i, x).strip())
         assert part["read"] == rows
