@@ -172,6 +172,11 @@ class TowerConfig(_Checked):
       0.0, "Training-time chance of hiding each book of a user's history "
       "on its own (denoising, as the input dropout of Mult-DAE, Liang et al. "
       "2018).", lower=0.0, upper=0.95)
+  history_attention: int = setting(
+      0, "Attention pools of the history beside its mean: each weights the "
+      "user's books by a learned score of the book's features and a learned "
+      "recency decay (structured self-attention, Lin et al. 2017); 0 = the "
+      "mean only.", lower=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,6 +188,51 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     self.assertUnitNorm(p_u)
     self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
 
+  def test_attention_pools_equal_a_dense_softmax_over_the_history(self):
+    prep, built = build()
+    history = tf.constant(prep.val.history[:9])  # repeats and padding
+    history = tf.concat([history, tf.zeros_like(history[:1])], axis=0)
+    embed = built.user_tower.embed_books
+    attention = towers.HistoryAttention(2)
+    pools = towers.pool_history(embed, history, attention=attention)
+    self.assertLen(pools, 3)
+    # The reference: every position scored on its own, a masked softmax
+    # over the row, the weighted sum of the dense [batch, h, d] features.
+    flat = tf.reshape(history, [-1])
+    books = tf.reshape(embed(flat), [10, history.shape[1], -1])
+    position = tf.tile(tf.range(history.shape[1]), [10])
+    scores = tf.reshape(
+        attention(embed(flat), tf.range(tf.size(flat)), position),
+        [10, history.shape[1], 2])
+    scores = tf.where((history != 0)[..., None], scores, -1e9)
+    share = tf.nn.softmax(scores, axis=1)
+    share = tf.where((history != 0)[..., None], share, 0.0)
+    for k in range(2):
+      self.assertAllClose(pools[1 + k],
+                          tf.einsum("bh,bhd->bd", share[..., k], books),
+                          atol=1e-5)
+    self.assertAllEqual(pools[1][-1], tf.zeros_like(pools[1][-1]))
+
+  def test_attention_makes_order_matter_and_is_trained(self):
+    prep, built = build()
+    hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 4)
+    n = np.count_nonzero(hist)
+    reordered = hist.copy()
+    reordered[:n] = hist[:n][::-1]
+    batch = {"user_id": tf.zeros([2], tf.int64),
+             "history": tf.constant(np.stack([hist, reordered]))}
+    tower = user_tower(prep, built, history_attention=2)
+    with tf.GradientTape() as tape:
+      p_u, _ = tower(batch)
+      loss = tf.reduce_sum(p_u[0] * tf.range(8, dtype=tf.float32))
+    self.assertUnitNorm(p_u)
+    # The recency decay tells the two orders apart.
+    self.assertGreater(float(tf.reduce_max(tf.abs(p_u[0] - p_u[1]))), 1e-4)
+    weights = tower.attention.trainable_variables
+    self.assertLen(weights, 4)  # hidden kernel and bias, query, decay
+    for grad in tape.gradient(loss, weights):
+      self.assertGreater(float(tf.reduce_max(tf.abs(grad))), 0.0)
+
   def test_all_empty_item_features(self):
     _, built = build()
     c = shared_prep().feature_config

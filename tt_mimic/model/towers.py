@@ -132,8 +132,45 @@ class ItemTower(tf.keras.Model):
     return tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1), augmented
 
 
-def pool_history(embed, history: tf.Tensor,
-                 recent: int = 0) -> list[tf.Tensor]:
+class HistoryAttention(tf.keras.layers.Layer):
+  """Scores of history books for `heads` attention pools of the history.
+
+  Head k scores book i at recency position p (0 = most recent) as
+  q_k . tanh(W x_i + b) - softplus(d_k) log(1 + p): a learned score of the
+  book's features (the structured self-attention of Lin et al., ICLR 2017,
+  with one query per head) and a learned recency decay. The scores do not
+  depend on the candidate, so the tower stays a two-tower.
+  """
+
+  def __init__(self, heads: int, units: int = 64, **kwargs):
+    super().__init__(**kwargs)
+    self.heads = heads
+    self.hidden = tf.keras.layers.Dense(units, activation="tanh",
+                                        name="attention_hidden")
+    self.query = tf.keras.layers.Dense(heads, use_bias=False,
+                                       name="attention_query")
+
+  def build(self, input_shape):
+    self.hidden.build(input_shape)
+    self.query.build(input_shape[:-1] + [self.hidden.units])
+    # softplus(-2) ~ 0.13: a mild preference for recent books at the start.
+    self.decay = self.add_weight(
+        name="recency_decay", shape=[self.heads],
+        initializer=tf.keras.initializers.Constant(-2.0))
+    super().build(input_shape)
+
+  def call(self, rows: tf.Tensor, column: tf.Tensor,
+           position: tf.Tensor) -> tf.Tensor:
+    """rows: [u, d] features of the distinct books; column: [n] each history
+    entry's row; position: [n] its recency rank -> [n, heads] scores."""
+    scores = tf.gather(self.query(self.hidden(rows)), column)
+    recency = tf.math.log1p(tf.cast(position, scores.dtype))[:, None]
+    return scores - tf.nn.softplus(self.decay) * recency
+
+
+def pool_history(embed, history: tf.Tensor, recent: int = 0,
+                 attention: HistoryAttention | None = None
+                 ) -> list[tf.Tensor]:
   """Means of `embed`(book) over each row's history, one embedding per book.
 
   Each distinct book of the batch is embedded once and the mean is a sparse
@@ -145,10 +182,12 @@ def pool_history(embed, history: tf.Tensor,
     embed: [n] item indices -> [n, d] features.
     history: [batch, h] item indices, most recent first, 0 = padding.
     recent: when positive, also the mean over the first `recent` positions.
+    attention: when given, also one attention-weighted mean per head.
 
   Returns:
-    [mean over the whole history] (+ [mean over the recent part]), each
-    [batch, d]; zeros for a row without history.
+    [mean over the whole history] (+ [mean over the recent part])
+    (+ [one pool per attention head]), each [batch, d]; zeros for a row
+    without history.
   """
   history = tf.cast(history, tf.int64)
   batch, length = tf.shape(history)[0], tf.shape(history)[1]
@@ -160,18 +199,32 @@ def pool_history(embed, history: tf.Tensor,
   shape = tf.stack([tf.cast(batch, tf.int64),
                     tf.cast(tf.size(unique), tf.int64)])
 
+  def weighted(r, c, weights):
+    # The gradient reaches `weights` too (the attention scores).
+    return tf.sparse.sparse_dense_matmul(
+        tf.SparseTensor(tf.stack([r, c], axis=1), weights, shape), rows)
+
   def mean(keep):
     r = tf.boolean_mask(row, keep)
     c = tf.cast(tf.boolean_mask(column, keep), tf.int64)
     count = tf.math.unsorted_segment_sum(tf.ones_like(r, rows.dtype), r,
                                          batch)
-    weights = tf.SparseTensor(tf.stack([r, c], axis=1),
-                              1.0 / tf.gather(count, r), shape)
-    return tf.sparse.sparse_dense_matmul(weights, rows)
+    return weighted(r, c, 1.0 / tf.gather(count, r))
 
   out = [mean(flat != 0)]
   if recent > 0:
     out.append(mean((flat != 0) & (position < recent)))
+  if attention is not None:
+    keep = flat != 0
+    r = tf.boolean_mask(row, keep)
+    c = tf.cast(tf.boolean_mask(column, keep), tf.int64)
+    scores = attention(rows, c, tf.boolean_mask(position, keep))
+    # A softmax over each row's entries (rows without history have none).
+    top = tf.math.unsorted_segment_max(scores, r, batch)
+    exp = tf.exp(scores - tf.stop_gradient(tf.gather(top, r)))
+    total = tf.math.unsorted_segment_sum(exp, r, batch)
+    share = exp / tf.gather(total, r)
+    out.extend(weighted(r, c, share[:, k]) for k in range(attention.heads))
   return out
 
 
@@ -208,6 +261,7 @@ class UserTower(tf.keras.Model):
         "user_id") if config.user_id_embedding or config.id_only else None)
     if config.id_only:
       self.history_id = self.metadata = self.augmented = self.mlp = None
+      self.attention = None
       return
     if config.share_item_embedding:
       if item_id is None:
@@ -220,6 +274,8 @@ class UserTower(tf.keras.Model):
     self.metadata = metadata
     self.augmented = (_embedding(sizes["users"] + 1, config.output_dim, "a_u")
                       if config.use_amm else None)
+    self.attention = (HistoryAttention(config.history_attention)
+                      if config.history_attention else None)
     self.mlp = _mlp(config, "user_mlp", mlp_dtype)
 
   def call(self, features, training=False):
@@ -241,7 +297,8 @@ class UserTower(tf.keras.Model):
     valid = tf.cast(history != 0, tf.float32)
     count = tf.math.log1p(tf.reduce_sum(valid, axis=1, keepdims=True))
     # History is most recent first, so the recent pool is its head.
-    pools = pool_history(self.embed_books, history, self.config.recent_length)
+    pools = pool_history(self.embed_books, history, self.config.recent_length,
+                         self.attention)
     parts = [pools[0], count] + pools[1:]
     if self.user_id is not None:
       parts.insert(0, self.user_id(user))
