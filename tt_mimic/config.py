@@ -128,10 +128,12 @@ class FeatureConfig(_Checked):
                                 "as features (0: none, the towers of the DAT "
                                 "paper).", lower=0)
   train_history: str = setting(
-      "causal", "History of a training example: causal = the user's events "
-      "strictly before it (time-ordered data); other = the user's latest "
-      "other training events (when the order carries no signal, e.g. a "
-      "random split).", choices=("causal", "other"))
+      "other", "History of a training example: other = the user's latest "
+      "training events but the example's own (the whole history, as at "
+      "serving time; best on the Amazon sets); causal = only the user's "
+      "events strictly before it (best where the order of reading carries "
+      "the signal, such as series: goodbooks400).",
+      choices=("causal", "other"))
 
 
 @dataclasses.dataclass(frozen=True)
