@@ -48,6 +48,12 @@ def test_a_setting_added_with_a_new_default_matches_the_old_behaviour():
   del saved["train"]["ema_momentum"]
   assert not config.same_settings(saved, _stamp())
   assert config.same_settings(saved, _stamp(ema_momentum=0.0))
+  # Training histories were causal before --train_history existed.
+  assert config.FeatureConfig().train_history == "other"
+  saved = _stamp()
+  del saved["features"]["train_history"]
+  assert not config.same_settings(saved, _stamp())
+  assert config.same_settings(saved, _stamp(train_history="causal"))
 
 
 def test_changed_removed_or_unknown_settings_do_not_match():

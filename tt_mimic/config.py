@@ -355,7 +355,8 @@ def _plain(value):
 # What a setting whose default changed when it was added did before it
 # existed: a stamp or saved state without it was made with this value, not
 # the default (read by same_settings and features.load_vocabularies).
-BEFORE_SETTING = {"title_standardize": "ascii", "ema_momentum": 0.0}
+BEFORE_SETTING = {"title_standardize": "ascii", "ema_momentum": 0.0,
+                  "train_history": "causal"}
 
 
 def same_settings(saved, current) -> bool:

@@ -213,6 +213,21 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
                           atol=1e-5)
     self.assertAllEqual(pools[1][-1], tf.zeros_like(pools[1][-1]))
 
+  def test_attention_scores_follow_the_formula(self):
+    attention = towers.HistoryAttention(2, units=3)
+    rows = tf.constant([[1., 0., 2.], [0., -1., 1.]])
+    column, position = tf.constant([1, 0, 1]), tf.constant([0, 3, 9])
+    scores = attention(rows, column, position).numpy()
+    kernel, bias = (v.numpy() for v in attention.hidden.weights)
+    query = attention.query.kernel.numpy()
+    decay = np.log1p(np.exp(attention.decay.numpy()))  # softplus
+    x = rows.numpy()[column.numpy()]
+    expected = (np.tanh(x @ kernel + bias) @ query
+                - decay[None, :] * np.log1p(position.numpy())[:, None])
+    self.assertAllClose(scores, expected, atol=1e-6)
+    # A more recent position scores higher for the same book.
+    self.assertAllGreater(decay, 0.0)
+
   def test_attention_makes_order_matter_and_is_trained(self):
     prep, built = build()
     hist = next(h for h in prep.val.history if np.count_nonzero(h) >= 4)

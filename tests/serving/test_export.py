@@ -5,6 +5,7 @@ served run (tests/serving/conftest.py), in this process and in a fresh one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tt_mimic.config import FeatureConfig
 from tt_mimic.config import LossConfig
 from tt_mimic.data import features
+from tt_mimic.model import towers
 from tt_mimic.serving import export
 from tt_mimic.training import pipeline
 
@@ -86,6 +88,30 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
     self.assertAllClose(before_c["embedding"], after_c["embedding"], atol=1e-6)
     sig_c = loaded_c.signatures["serving_default"](**raw_tensors)
     self.assertAllClose(before_c["embedding"], sig_c["embedding"], atol=1e-6)
+
+  def test_query_module_with_attention_pools_survives_save_and_load(self):
+    prep, built = build()
+    data = prep.data
+    sizes = prep.vocab.sizes()
+    tower = towers.UserTower(
+        sizes, dataclasses.replace(TOWER, history_attention=2),
+        built.user_tower.table,
+        towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
+    seen_items, seen_splits = export.user_seen(data.events, len(data.users))
+    query = export.QueryModule(tower, data.users, data.items["parent_asin"],
+                               prep.user_id_index, seen_items, seen_splits,
+                               prep.feature_config.history_length)
+    users = tf.constant([str(u) for u in data.users[:3]] + ["NEW_USER"])
+    asins = data.items["parent_asin"]
+    hist = tf.constant([[asins.iloc[3], asins.iloc[5], ""]] * 4)
+    before = query.with_history(users, hist)["embedding"]
+    directory = os.path.join(self.get_temp_dir(), "query_attention")
+    export._save(query, directory)
+    loaded = tf.saved_model.load(directory)
+    self.assertAllClose(loaded.with_history(users, hist)["embedding"], before,
+                        atol=1e-6)
+    self.assertAllClose(loaded.serving_default(users)["embedding"],
+                        query.serving_default(users)["embedding"], atol=1e-6)
 
   def test_query_module_without_history(self):
     # --history_length=0 (the DAT paper's towers): histories are ignored, so

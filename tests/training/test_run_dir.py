@@ -147,3 +147,31 @@ def test_export_json_says_where_the_export_comes_from(moved_run):
   assert info["fitted_on_splits"] == [0, 1]  # the refit: train + validation
   assert info["inputs"]["books_csv"].endswith("books.csv")
   assert len(info["ingest_key"]) == 16
+
+
+def test_preprocessing_state_does_not_depend_on_training_histories(
+    tmp_path, monkeypatch):
+  data = tiny_data.ingested(str(tmp_path))
+  state = str(tmp_path / "preprocessing")
+  features_config = config_lib.FeatureConfig(title_length=6, history_length=5)
+  pipeline._preprocessing_state(data, features_config, state)
+  # A stamp from before this rule holds the setting (here the old default).
+  stamp = _json(state, "state.json")
+  assert "train_history" not in stamp["features"]
+  stamp["features"]["train_history"] = "causal"
+  with open(os.path.join(state, "state.json"), "w") as f:
+    json.dump(stamp, f)
+
+  def rebuilt(*args):
+    raise AssertionError("the preprocessing state was built again")
+
+  monkeypatch.setattr(pipeline.features, "build_vocabularies", rebuilt)
+  for mode in ("other", "causal"):
+    pipeline._preprocessing_state(
+        data, config_lib.FeatureConfig(title_length=6, history_length=5,
+                                       train_history=mode), state)
+  # Any other feature setting still rebuilds it.
+  with pytest.raises(AssertionError, match="built again"):
+    pipeline._preprocessing_state(
+        data, config_lib.FeatureConfig(title_length=7, history_length=5),
+        state)

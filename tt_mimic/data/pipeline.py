@@ -2,10 +2,10 @@
 
 Training examples are positions in the time-sorted sequence of training
 events. A batch of positions is turned into feature dicts with vectorized
-gathers: `user_id`, `item` (the positive book) and `history`, the user's
-most recent earlier training books (most recent first, 0 = padding).
-History is strictly causal: only events with a smaller timestamp than the
-target event, never the event itself or anything at or after its time.
+gathers: `user_id`, `item` (the positive book) and `history` (most recent
+first, 0 = padding): either the user's latest other training books, never
+the event's own (`other`), or strictly causal ones, only events with a
+smaller timestamp than the target event (`causal`).
 """
 
 from __future__ import annotations

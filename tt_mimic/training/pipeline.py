@@ -138,18 +138,23 @@ def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
   """(vocabularies, preprocessor, item table): the state loaded from
   `state_dir` when it holds it for the same data and features, else built
   (and saved there)."""
+  # How training examples pick their histories does not change this state.
   stamp = {"ingest": os.path.basename(data.directory or ""),
-           "features": dataclasses.asdict(feature_config)}
+           "features": {k: v for k, v in
+                        dataclasses.asdict(feature_config).items()
+                        if k != "train_history"}}
   paths = {name: os.path.join(state_dir or "", name) for name in
            ("state.json", "vocabularies.json", "item_table.npz")}
   if state_dir and all(os.path.exists(p) for p in paths.values()):
     with open(paths["state.json"]) as f:
-      if same_settings(json.load(f), stamp):
-        vocab = features.load_vocabularies(paths["vocabularies.json"], data)
-        with np.load(paths["item_table.npz"]) as saved:
-          table = {name: saved[name] for name in saved.files}
-        return (vocab, features.make_preprocessor(vocab, feature_config),
-                table)
+      saved = json.load(f)
+    saved.get("features", {}).pop("train_history", None)  # older stamps
+    if same_settings(saved, stamp):
+      vocab = features.load_vocabularies(paths["vocabularies.json"], data)
+      with np.load(paths["item_table.npz"]) as arrays:
+        table = {name: arrays[name] for name in arrays.files}
+      return (vocab, features.make_preprocessor(vocab, feature_config),
+              table)
   vocab = features.build_vocabularies(data, feature_config)
   preprocessor = features.make_preprocessor(vocab, feature_config)
   table = features.build_item_table(data.items, preprocessor, feature_config)
