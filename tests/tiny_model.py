@@ -22,6 +22,7 @@ from tt_mimic.config import LossConfig
 from tt_mimic.config import TowerConfig
 from tt_mimic.data import features
 from tt_mimic.data import pipeline as data_lib
+from tt_mimic.model import towers
 from tt_mimic.training import pipeline
 
 import tiny_data
@@ -48,6 +49,15 @@ def build(use_amm=True, loss="softmax", use_cal=True, **loss_kwargs):
       LossConfig(loss=loss, use_cal=use_cal, **loss_kwargs))
   built.model.compute_loss(pipeline.dummy_batch(prep))  # creates variables
   return prep, built
+
+
+def user_tower(prep, built, **config) -> towers.UserTower:
+  """A fresh user tower with TOWER's sizes changed by `config`, on `built`'s
+  item table."""
+  sizes = prep.vocab.sizes()
+  return towers.UserTower(
+      sizes, dataclasses.replace(TOWER, **config), built.user_tower.table,
+      towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
 
 
 def train_batch(prep, size=48):

@@ -20,15 +20,7 @@ from tiny_model import build
 from tiny_model import raw_books
 from tiny_model import shared_prep
 from tiny_model import train_batch
-
-
-def user_tower(prep, built, **config) -> towers.UserTower:
-  """A fresh user tower with TOWER's sizes changed by `config`, on `built`'s
-  item table."""
-  sizes = prep.vocab.sizes()
-  return towers.UserTower(
-      sizes, dataclasses.replace(TOWER, **config), built.user_tower.table,
-      towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
+from tiny_model import user_tower
 
 
 def dense_mean(embedded: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:

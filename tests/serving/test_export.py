@@ -5,7 +5,6 @@ served run (tests/serving/conftest.py), in this process and in a fresh one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tt_mimic.config import FeatureConfig
 from tt_mimic.config import LossConfig
 from tt_mimic.data import features
-from tt_mimic.model import towers
 from tt_mimic.serving import export
 from tt_mimic.training import pipeline
 
@@ -30,6 +28,7 @@ import tiny_data
 from tiny_model import NormMixin
 from tiny_model import TOWER
 from tiny_model import build
+from tiny_model import user_tower
 
 K = tiny_data.SERVING_FLAGS["export_k"]
 # The tests of the served run (see conftest.py); ExportRoundTripTest needs
@@ -92,11 +91,7 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
   def test_query_module_with_attention_pools_survives_save_and_load(self):
     prep, built = build()
     data = prep.data
-    sizes = prep.vocab.sizes()
-    tower = towers.UserTower(
-        sizes, dataclasses.replace(TOWER, history_attention=2),
-        built.user_tower.table,
-        towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim))
+    tower = user_tower(prep, built, history_attention=2)
     seen_items, seen_splits = export.user_seen(data.events, len(data.users))
     query = export.QueryModule(tower, data.users, data.items["parent_asin"],
                                prep.user_id_index, seen_items, seen_splits,

@@ -205,21 +205,23 @@ def pool_history(embed, history: tf.Tensor, recent: int = 0,
     return tf.sparse.sparse_dense_matmul(
         tf.SparseTensor(tf.stack([r, c], axis=1), weights, shape), rows)
 
-  def mean(keep):
-    r = tf.boolean_mask(row, keep)
-    c = tf.cast(tf.boolean_mask(column, keep), tf.int64)
+  def entries(keep):
+    """(row, distinct-book column) of each kept history entry."""
+    return (tf.boolean_mask(row, keep),
+            tf.cast(tf.boolean_mask(column, keep), tf.int64))
+
+  def mean(r, c):
     count = tf.math.unsorted_segment_sum(tf.ones_like(r, rows.dtype), r,
                                          batch)
     return weighted(r, c, 1.0 / tf.gather(count, r))
 
-  out = [mean(flat != 0)]
+  valid = flat != 0
+  r, c = entries(valid)
+  out = [mean(r, c)]
   if recent > 0:
-    out.append(mean((flat != 0) & (position < recent)))
+    out.append(mean(*entries(valid & (position < recent))))
   if attention is not None:
-    keep = flat != 0
-    r = tf.boolean_mask(row, keep)
-    c = tf.cast(tf.boolean_mask(column, keep), tf.int64)
-    scores = attention(rows, c, tf.boolean_mask(position, keep))
+    scores = attention(rows, c, tf.boolean_mask(position, valid))
     # A softmax over each row's entries (rows without history have none).
     top = tf.math.unsorted_segment_max(scores, r, batch)
     exp = tf.exp(scores - tf.stop_gradient(tf.gather(top, r)))
