@@ -41,11 +41,12 @@ def shared_prep() -> pipeline.Prepared:
   return _SHARED["prep"]
 
 
-def build(use_amm=True, loss="softmax", use_cal=True, **loss_kwargs):
+def build(use_amm=True, loss="softmax", use_cal=True, interests=1,
+          **loss_kwargs):
   """(prep, built): `pipeline.build` on `shared_prep()`, variables made."""
   prep = shared_prep()
   built = pipeline.build(
-      prep, dataclasses.replace(TOWER, use_amm=use_amm),
+      prep, dataclasses.replace(TOWER, use_amm=use_amm, interests=interests),
       LossConfig(loss=loss, use_cal=use_cal, **loss_kwargs))
   built.model.compute_loss(pipeline.dummy_batch(prep))  # creates variables
   return prep, built

@@ -179,6 +179,11 @@ class TowerConfig(_Checked):
       "user's books by a learned score of the book's features and a learned "
       "recency decay (structured self-attention, Lin et al. 2017); 0 = the "
       "mean only.", lower=0)
+  interests: int = setting(
+      1, "Query vectors per user (multi-interest, ComiRec-SA, Cen et al. "
+      "2020): each has its own attention pool of the history; training "
+      "scores an example with the vector nearest its book, retrieval "
+      "scores a book by its best vector; 1 = one vector.", lower=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ import tt_mimic  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
 from tt_mimic.data import pipeline as data_lib
+from tt_mimic.model import dat as model_lib
 
 from tiny_model import build
 from tiny_model import train_batch
@@ -95,6 +96,40 @@ class DATModelTest(tf.test.TestCase, parameterized.TestCase):
     logits -= np.log(len(items) * prep.item_probability[ids] + extra)
     rows = np.arange(len(items))
     hits = ids[None, :] == items[:, None]
+    hits[rows, rows] = False
+    logits[hits] = -np.inf
+    top = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    self.assertAllClose(got, -log_softmax[rows, rows].mean(), rtol=1e-4)
+
+  @parameterized.parameters("softmax", "bce")
+  def test_several_interests(self, loss):
+    # The softmax scores a candidate by the user's best interest (TFRS's
+    # maxsim); the mimic target and BCE use the interest nearest the
+    # example's positive.
+    prep, built = build(interests=3, loss=loss)
+    batch = train_batch(prep, size=32)
+    p_u, _ = built.user_tower(batch)
+    p_v, _, _ = built.encoder(batch["item"])
+    self.assertEqual(p_u.shape, (32, 3, 8))
+    with tf.GradientTape() as tape:
+      total = built.model.compute_loss(batch, training=True)
+    self.assertTrue(np.isfinite(float(total)))
+    grads = tape.gradient(total, built.user_tower.attention.query.kernel)
+    self.assertAllGreater(tf.reduce_max(tf.abs(grads), axis=0), 0.0)
+    nearest = model_lib.select_interest(p_u, p_v).numpy()
+    affinity = np.einsum("bkd,bd->bk", p_u.numpy(), p_v.numpy())
+    self.assertAllClose(
+        nearest, p_u.numpy()[np.arange(32), affinity.argmax(axis=1)])
+    if loss == "bce":
+      return
+    got = float(built.model.main_loss(p_u, p_v, batch["item"], False))
+    items = batch["item"].numpy()
+    logits = (np.einsum("bkd,nd->bkn", p_u.numpy(), p_v.numpy()).max(axis=1)
+              / built.model.config.temperature)
+    logits -= np.log(len(items) * prep.item_probability[items])
+    rows = np.arange(len(items))
+    hits = items[None, :] == items[:, None]
     hits[rows, rows] = False
     logits[hits] = -np.inf
     top = logits.max(axis=1, keepdims=True)

@@ -240,6 +240,23 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     for grad in tape.gradient(loss, weights):
       self.assertGreater(float(tf.reduce_max(tf.abs(grad))), 0.0)
 
+  def test_interests_are_unit_vectors_of_their_own_pools(self):
+    prep, built = build()
+    batch = {"user_id": tf.constant(prep.val.user_id[:6]),
+             "history": tf.constant(prep.val.history[:6])}
+    tower = user_tower(prep, built, interests=3, history_attention=1)
+    p_u, _ = tower(batch)
+    self.assertEqual(p_u.shape, (6, 3, 8))
+    self.assertUnitNorm(tf.reshape(p_u, [-1, 8]))
+    # Each interest has its own attention head (one more is shared).
+    self.assertEqual(tower.attention.heads, 4)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+      self.assertGreater(float(tf.reduce_max(tf.abs(p_u[:, a] - p_u[:, b]))),
+                         1e-4)
+    # One interest is one vector: the single-vector tower's shape.
+    p_1, _ = user_tower(prep, built, interests=1)(batch)
+    self.assertEqual(p_1.shape, (6, 8))
+
   def test_all_empty_item_features(self):
     _, built = build()
     c = shared_prep().feature_config

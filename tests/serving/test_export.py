@@ -18,6 +18,7 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from tt_mimic.config import ExportConfig
 from tt_mimic.config import FeatureConfig
 from tt_mimic.config import LossConfig
 from tt_mimic.data import features
@@ -107,6 +108,67 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
                         atol=1e-6)
     self.assertAllClose(loaded.serving_default(users)["embedding"],
                         query.serving_default(users)["embedding"], atol=1e-6)
+
+  def test_several_interests_serve_each_book_once_at_its_best_score(self):
+    # --interests=2: the query is [users, 2, dim]; both indexes rank the
+    # corpus by each book's best score over the two vectors, as evaluation
+    # does, with the user's read books excluded and no book twice.
+    prep, built = build()
+    data = prep.data
+    tower = user_tower(prep, built, interests=2)
+    seen_items, seen_splits = export.user_seen(data.events, len(data.users))
+    query = export.QueryModule(tower, data.users, data.items["parent_asin"],
+                               prep.user_id_index, seen_items, seen_splits,
+                               prep.feature_config.history_length)
+    users = np.array([str(u) for u in data.users[:6]])
+    vectors = query.serving_default(tf.constant(users))["embedding"].numpy()
+    self.assertEqual(vectors.shape[1], 2)
+    self.assertGreater(np.abs(vectors[:, 0] - vectors[:, 1]).max(), 1e-3)
+    embeddings = pipeline.item_embeddings(built.encoder,
+                                          len(data.items))[1:]
+    asins = data.items["parent_asin"].to_numpy().astype(str)
+    config = ExportConfig(k=5, max_exclusions=20)
+    directory = self.get_temp_dir()
+    info = export.build_indexes(query, embeddings, asins,
+                                np.arange(len(asins), dtype=np.float64),
+                                config, directory, vectors)
+    self.assertEqual(info["interests"], 2)
+    best = np.einsum("ukd,nd->ukn", vectors, embeddings).max(axis=1)
+    row = {a: i for i, a in enumerate(asins)}
+    serving = tf.saved_model.load(os.path.join(directory,
+                                               export.STAGED_SERVING))
+    index = tf.saved_model.load(os.path.join(directory, "index_scann"))
+    # Users 1..6 are rows 1..6 of the known books (0 is the unknown user).
+    known = [asins[seen_items[seen_splits[u]:seen_splits[u + 1]] - 1]
+             for u in range(1, len(users) + 1)]
+    read = np.array([list(r) + [""] * (max(map(len, known)) - len(r))
+                     for r in known])
+    answers = {
+        "brute force": serving.signatures["serving_default"](
+            user_id=tf.constant(users)),
+        "scann": index.signatures["serving_default"](
+            embedding=tf.constant(vectors),
+            known=tf.ones([len(users)], tf.bool),
+            exclude=tf.constant(read))}
+    for name, answer in answers.items():
+      got = answer["parent_asin"].numpy().astype(str)
+      for u in range(len(users)):
+        self.assertEqual(len(set(got[u])), 5, name)
+        self.assertFalse(set(got[u]) & set(known[u]), name)
+        expected = [asins[i] for i in np.argsort(-best[u], kind="stable")
+                    if asins[i] not in set(known[u])][:5]
+        if name == "brute force":
+          self.assertAllClose(answer["scores"][u],
+                              [best[u][row[a]] for a in got[u]], atol=1e-5)
+          self.assertEqual(list(got[u]), expected)
+        else:  # approximate: most of the exact top 5
+          self.assertGreaterEqual(len(set(got[u]) & set(expected)), 3, name)
+
+  def test_best_per_book_keeps_each_books_best_score(self):
+    scores = tf.constant([[0.1, 0.9, 0.5, float("nan"), 0.7, 0.2]])
+    books = tf.constant([[3, 1, 3, 2, 1, 4]])
+    kept = export.best_per_book(scores, books).numpy()[0]
+    self.assertAllClose(kept, [-np.inf, 0.9, 0.5, -np.inf, -np.inf, 0.2])
 
   def test_query_module_without_history(self):
     # --history_length=0 (the DAT paper's towers): histories are ignored, so

@@ -45,3 +45,15 @@ def test_segment_metrics_worked_example():
   assert out["category"] == {"(none)": {"targets": 1, "recall@2": 1.0},
                              "A": {"targets": 1, "recall@2": 1.0},
                              "B": {"targets": 1, "recall@2": 0.0}}
+
+
+def test_a_query_of_several_vectors_scores_each_book_by_its_best():
+  rng = np.random.default_rng(0)
+  items = rng.normal(size=(7, 4)).astype(np.float32)
+  single = rng.normal(size=(3, 4)).astype(np.float32)
+  several = rng.normal(size=(3, 2, 4)).astype(np.float32)
+  got = evaluation.embedding_scorer(lambda batch: batch, items)
+  np.testing.assert_allclose(got(single), single @ items.T, rtol=1e-5)
+  np.testing.assert_allclose(
+      got(several), np.maximum(several[:, 0] @ items.T,
+                               several[:, 1] @ items.T), rtol=1e-5)

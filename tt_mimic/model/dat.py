@@ -125,7 +125,10 @@ class DATModel(tfrs.Model):
     batch = (tf.cast(tf.shape(ids)[0], tf.float32) if batch is None
              else tf.cast(batch, tf.float32))
     if self.config.loss == "bce":
-      return self._bce(p_u, p_v[:tf.shape(p_u)[0]], training) / batch
+      positives = p_v[:tf.shape(p_u)[0]]
+      if p_u.shape.rank == 3:
+        p_u = select_interest(p_u, positives)
+      return self._bce(p_u, positives, training) / batch
     candidates = p_v
     extra = min(self.config.uniform_negatives, self.num_items)
     if extra:
@@ -200,6 +203,9 @@ class DATModel(tfrs.Model):
     share = tf.cast(tf.shape(items)[0], tf.float32) / batch
     terms = {"loss_main": self.main_loss(p_u, all_v, all_items, training,
                                          batch)}
+    if p_u.shape.rank == 3:
+      # Several interests: the mimic target is the one nearest the positive.
+      p_u = select_interest(p_u, p_v)
     cfg = self.config
     zero = tf.zeros([], tf.float32)
     # AMM is on exactly when the towers have a_u and a_v (TowerConfig.use_amm).
@@ -215,6 +221,15 @@ class DATModel(tfrs.Model):
     return {name: tf.debugging.check_numerics(
         value, f"non-finite {name} (DATModel.compute_loss)")
             for name, value in terms.items()}
+
+
+def select_interest(p_u: tf.Tensor, p_v: tf.Tensor) -> tf.Tensor:
+  """[b, k, d] interests, [b, d] positives -> [b, d] each example's interest
+  nearest its positive (the hard label-aware attention of MIND and
+  ComiRec: Li et al. 2019, Cen et al. 2020); the choice takes no gradient."""
+  nearest = tf.argmax(tf.einsum("bkd,bd->bk", p_u, tf.stop_gradient(p_v)),
+                      axis=1)
+  return tf.gather(p_u, nearest, batch_dims=1)
 
 
 def _global_batch(p_v, items, category):

@@ -277,8 +277,8 @@ class UserTower(tf.keras.Model):
     self.metadata = metadata
     self.augmented = (_embedding(sizes["users"] + 1, config.output_dim, "a_u")
                       if config.use_amm else None)
-    self.attention = (HistoryAttention(config.history_attention)
-                      if config.history_attention else None)
+    heads = config.history_attention + self.interest_heads
+    self.attention = HistoryAttention(heads) if heads else None
     self.mlp = _mlp(config, "user_mlp", mlp_dtype)
 
   def call(self, features, training=False):
@@ -302,6 +302,8 @@ class UserTower(tf.keras.Model):
     # History is most recent first, so the recent pool is its head.
     pools = pool_history(self.embed_books, history, self.config.recent_length,
                          self.attention)
+    interest = pools[len(pools) - self.interest_heads:]
+    pools = pools[:len(pools) - self.interest_heads]
     parts = [pools[0], count] + pools[1:]
     if self.user_id is not None:
       parts.insert(0, self.user_id(user))
@@ -312,8 +314,25 @@ class UserTower(tf.keras.Model):
       # input had the id hidden: hiding is there to teach the tower about
       # unseen users, not to move their mimic updates to the unknown row.
       augmented = self.augmented(own)
-    output = self.mlp(tf.concat(parts, axis=-1), training=training)
-    return tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1), augmented
+    shared = tf.concat(parts, axis=-1)
+    if not interest:
+      output = self.mlp(shared, training=training)
+      return (tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1),
+              augmented)
+    # One MLP input per interest: the shared parts and that interest's pool.
+    k = len(interest)
+    inputs = tf.concat([tf.repeat(shared[:, None], k, axis=1),
+                        tf.stack(interest, axis=1)], axis=-1)
+    output = self.mlp(tf.reshape(inputs, [-1, inputs.shape[-1]]),
+                      training=training)
+    output = tf.reshape(tf.cast(output, tf.float32),
+                        [-1, k, self.config.output_dim])
+    return tf.math.l2_normalize(output, axis=-1), augmented
+
+  @property
+  def interest_heads(self) -> int:
+    """Attention heads that make the interests (0 for one query vector)."""
+    return self.config.interests if self.config.interests > 1 else 0
 
   def embed_books(self, items: tf.Tensor) -> tf.Tensor:
     """[n] corpus item indices -> [n, 4 * embedding_dim] history features."""

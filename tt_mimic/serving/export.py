@@ -231,6 +231,36 @@ def _drop_excluded(ids, scores, exclude, k):
   return tf.where(tf.math.is_finite(scores), ids, ""), scores
 
 
+def best_per_book(scores, rows):
+  """Keeps each book's best score in each row (the others become -inf).
+
+  Several query vectors per user retrieve their top books each; a book that
+  more than one vector found counts once, with its best score (a book's
+  score for the user is its best over the vectors). NaN scores (ScaNN's
+  padding) become -inf.
+
+  Args:
+    scores: [batch, n] scores.
+    rows: [batch, n] the books (corpus indices) they score.
+  """
+  scores = tf.where(tf.math.is_nan(scores),
+                    tf.constant(-np.inf, scores.dtype), scores)
+  by_score = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
+  books = tf.gather(rows, by_score, batch_dims=1)
+  # Grouped by book, best score first within a group (a stable sort).
+  by_book = tf.argsort(books, axis=1, stable=True)
+  grouped = tf.gather(books, by_book, batch_dims=1)
+  repeat = tf.concat([tf.zeros_like(grouped[:, :1], tf.bool),
+                      grouped[:, 1:] == grouped[:, :-1]], axis=1)
+  # Back to the input's order: position by_score[by_book[j]] holds entry j.
+  where = tf.gather(by_score, by_book, batch_dims=1)
+  batch = tf.shape(where)[0]
+  index = tf.stack([tf.repeat(tf.range(batch), tf.shape(where)[1]),
+                    tf.reshape(where, [-1])], axis=1)
+  repeat = tf.scatter_nd(index, tf.reshape(repeat, [-1]), tf.shape(scores))
+  return tf.where(repeat, tf.constant(-np.inf, scores.dtype), scores)
+
+
 def _popular(ids, scores, k, n):
   return (tf.tile(ids[None, :k], [n, 1]), tf.tile(scores[None, :k], [n, 1]))
 
@@ -251,7 +281,19 @@ class _Retrieval(tf.Module):
     self.k, self.retrieve = k, retrieve
 
   def _answer(self, embedding, known, exclude):
-    scores, rows = self.layer(embedding, k=self.retrieve)
+    """`embedding`: [batch, dim] or, for a model with several interests,
+    [batch, interests, dim]: each retrieves its top books and a book scores
+    its best over them (exact for brute force: a book in the top k by its
+    best score is in the top k of the vector that gives it)."""
+    if embedding.shape.rank == 3:
+      shape = tf.shape(embedding)
+      scores, rows = self.layer(tf.reshape(embedding, [-1, shape[2]]),
+                                k=self.retrieve)
+      scores = best_per_book(tf.reshape(scores, [shape[0], -1]),
+                             tf.reshape(rows, [shape[0], -1]))
+      rows = tf.reshape(rows, [shape[0], -1])
+    else:
+      scores, rows = self.layer(embedding, k=self.retrieve)
     ids = tf.gather(self.asins, tf.cast(rows, tf.int32))
     ids, scores = _drop_excluded(ids, scores, exclude, self.k)
     pop_ids, pop_scores = _popular(self.popular_ids, self.popular_scores,
@@ -265,14 +307,19 @@ class _Retrieval(tf.Module):
 
 class IndexModule(_Retrieval):
   """embedding (+ exclusions) -> top-k parent_asins and scores; holds no
-  per-user state (the query comes from the serving model's `query`)."""
+  per-user state (the query comes from the serving model's `query`).
 
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, None], tf.float32, "embedding"),
-      tf.TensorSpec([None], tf.bool, "known"),
-      tf.TensorSpec([None, None], tf.string, "exclude")])
-  def search(self, embedding, known, exclude):
-    return self._answer(embedding, known, exclude)
+  The embedding is [batch, dim], or [batch, interests, dim] for a model
+  with several interests (`interests` > 1).
+  """
+
+  def __init__(self, *args, interests: int = 1):
+    super().__init__(*args)
+    shape = [None, None] if interests == 1 else [None, interests, None]
+    self.search = tf.function(self._answer, input_signature=[
+        tf.TensorSpec(shape, tf.float32, "embedding"),
+        tf.TensorSpec([None], tf.bool, "known"),
+        tf.TensorSpec([None, None], tf.string, "exclude")])
 
 
 class ServingModule(_Retrieval):
@@ -338,7 +385,8 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
       model, for the caller to move to `serving_path`) and `index_scann/`
       are written.
     queries: [m, dim] user embeddings to measure ScaNN against brute force
-      (default: a sample of the candidate embeddings).
+      (default: a sample of the candidate embeddings); [m, interests, dim]
+      for a model with several interests (the index then takes that shape).
 
   Returns:
     Sizes, ScaNN parameters, every ScaNN build's agreement with brute force.
@@ -356,12 +404,16 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
   serving = ServingModule(query, brute, identifiers, pop_ids, pop_scores, k,
                           retrieve)
   _save(serving, os.path.join(directory, STAGED_SERVING))
-  info = {"k": k, "retrieve": retrieve, "items": n}
+  interests = 1 if queries is None or np.ndim(queries) == 2 else int(
+      np.shape(queries)[1])
+  info = {"k": k, "retrieve": retrieve, "items": n, "interests": interests}
   if not HAVE_SCANN:
     logging.warning("scann is not importable; index_scann is not exported.")
     return info
   params = scann_params(n, dataclasses.replace(config, k=k))
-  queries = vectors if queries is None else tf.constant(queries, tf.float32)
+  # ScaNN's agreement is measured per query vector.
+  queries = vectors if queries is None else tf.constant(
+      np.reshape(queries, [-1, np.shape(queries)[-1]]), tf.float32)
   scann_layer, info["scann_tuning"] = _tuned_scann(vectors, rows, queries,
                                                    params, k, retrieve, brute,
                                                    config)
@@ -370,7 +422,7 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
   info["scann_build_seconds"] = round(sum(
       t["build_seconds"] for t in info["scann_tuning"]), 2)
   scann_module = IndexModule(scann_layer, identifiers, pop_ids, pop_scores, k,
-                             retrieve)
+                             retrieve, interests=interests)
   _save(scann_module, os.path.join(directory, "index_scann"),
         SCANN_SAVE_OPTIONS)
   return info

@@ -124,11 +124,15 @@ def popularity_scorer(train_count: np.ndarray) -> Callable[[dict], tf.Tensor]:
 
 def embedding_scorer(query_fn: Callable[[dict], tf.Tensor],
                      item_embeddings: tf.Tensor) -> Callable:
-  """Scores by inner product of query embeddings with all item embeddings."""
+  """Scores by inner product of query embeddings with all item embeddings;
+  a query of several vectors ([batch, k, d]) scores each item by its best."""
   items = tf.constant(item_embeddings)
 
   def score(batch):
-    return tf.matmul(query_fn(batch), items, transpose_b=True)
+    query = tf.convert_to_tensor(query_fn(batch))
+    if query.shape.rank == 3:
+      return tf.reduce_max(tf.einsum("bkd,nd->bkn", query, items), axis=1)
+    return tf.matmul(query, items, transpose_b=True)
   return score
 
 

@@ -63,12 +63,14 @@ def diagnostics(prep: pipeline.Prepared, built: pipeline.Built, result: dict,
   batch = {"user_id": tf.constant(val.user_id[rows]),
            "history": tf.constant(val.history[rows])}
   p_u, a_u = built.user_tower(batch)
-  p_u = p_u.numpy()
+  # [users, interests, dim]: one interest for a single-vector tower.
+  p_u = p_u.numpy().reshape(len(rows), -1, emb.shape[1])
   hist = emb[val.history[rows]]
   valid = (val.history[rows] != 0)[..., None]
   profile = (hist * valid).sum(1) / np.maximum(valid.sum(1), 1)
-  align = (p_u * profile).sum(1)
-  shuffled = (p_u * profile[rng.permutation(len(rows))]).sum(1)
+  align = (p_u * profile[:, None]).sum(-1).max(-1)
+  shuffled = (p_u * profile[rng.permutation(len(rows))][:, None]).sum(
+      -1).max(-1)
   lines.append(f"- User-feature alignment: <p_u, mean p_v of history> "
                f"{_summary(align)} (shuffled users: {shuffled.mean():.3f}).")
   if a_u is not None:
