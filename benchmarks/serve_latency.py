@@ -89,7 +89,10 @@ def main() -> None:
   vectors = np.load(os.path.join(rec.version_directory, "embeddings.npy"))
   brute = tfrs.layers.factorized_top_k.BruteForce(k=k)
   brute.index(tf.constant(vectors, tf.float32))
-  brute_call = tf.function(lambda e: brute(e, k=k))
+  # A query of several vectors ([1, interests, d]): one search each, as
+  # the index does.
+  brute_call = tf.function(
+      lambda e: brute(tf.reshape(e, [-1, tf.shape(e)[-1]]), k=k))
   brute_ms = _timed(brute_call, [(e,) for e in embeddings])
 
   result = {

@@ -27,7 +27,9 @@ from tt_mimic.training import pipeline
 
 import tiny_data
 
-TOWER = TowerConfig(embedding_dim=8, hidden_units=(16,), output_dim=8)
+# One query vector: the tests of several (--interests) ask for them.
+TOWER = TowerConfig(embedding_dim=8, hidden_units=(16,), output_dim=8,
+                    interests=1)
 
 _SHARED = {}
 

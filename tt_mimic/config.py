@@ -180,7 +180,7 @@ class TowerConfig(_Checked):
       "recency decay (structured self-attention, Lin et al. 2017); 0 = the "
       "mean only.", lower=0)
   interests: int = setting(
-      1, "Query vectors per user (multi-interest, ComiRec-SA, Cen et al. "
+      4, "Query vectors per user (multi-interest, ComiRec-SA, Cen et al. "
       "2020): each has its own attention pool of the history; training "
       "scores an example with the vector nearest its book, retrieval "
       "scores a book by its best vector; 1 = one vector.", lower=1)
@@ -331,6 +331,11 @@ class RunConfig:
       raise ValueError(
           "--history_length=0 with --nouser_id_embedding leaves the user "
           "tower no input that tells users apart; keep one of them.")
+    if self.tower.interests > 1 and self.features.history_length == 0:
+      raise ValueError(
+          f"--interests={self.tower.interests} needs a history to pool "
+          "(each interest is an attention pool of it); with "
+          "--history_length=0 give --interests=1.")
     if self.tower.recent_length and (
         self.tower.recent_length >= self.features.history_length):
       raise ValueError(
@@ -342,14 +347,20 @@ class RunConfig:
 
   @classmethod
   def from_json(cls, text: str) -> "RunConfig":
-    """The inverse of `to_json`; unknown keys are an error, missing ones
-    take the defaults."""
+    """The inverse of `to_json`; unknown keys are an error. A missing key
+    is a setting added after the run was made: it takes what the code did
+    then, its `BEFORE_SETTING` value, else the default."""
     raw = json.loads(text)
     unknown = set(raw) - set(SECTIONS)
     if unknown:
       raise ValueError(f"Unknown config sections {sorted(unknown)}.")
-    return cls(**{name: from_dict(SECTIONS[name], raw.get(name, {}))
-                  for name in SECTIONS})
+    sections = {}
+    for name, section in SECTIONS.items():
+      before = {f.name: BEFORE_SETTING[f.name]
+                for f in dataclasses.fields(section)
+                if f.name in BEFORE_SETTING}
+      sections[name] = from_dict(section, {**before, **raw.get(name, {})})
+    return cls(**sections)
 
 
 def _plain(value):
@@ -361,7 +372,7 @@ def _plain(value):
 # existed: a stamp or saved state without it was made with this value, not
 # the default (read by same_settings and features.load_vocabularies).
 BEFORE_SETTING = {"title_standardize": "ascii", "ema_momentum": 0.0,
-                  "train_history": "causal"}
+                  "train_history": "causal", "interests": 1}
 
 
 def same_settings(saved, current) -> bool:

@@ -3,6 +3,7 @@
 import dataclasses
 import glob
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def test_base_cfg_check_can_fail(monkeypatch, tmp_path):
     ({"recent_length": 5, "history_length": 5}, "smaller than --history_length"),
     ({"history_length": 0, "user_id_embedding": False},
      "no input that tells users apart"),
+    ({"history_length": 0, "interests": 2}, "needs a history to pool"),
     ({"split": "random"}, "'random' is not one of"),
     ({"temperature": 0.0}, "below"),
     ({"hidden_units": (0,)}, "below 1"),
@@ -121,7 +123,7 @@ def test_command_line_and_python_refuse_the_same(values, message):
   sections = {"recent_length": "tower", "history_length": "features",
               "user_id_embedding": "tower", "split": "ingest",
               "temperature": "loss", "hidden_units": "tower",
-              "variants": "train"}
+              "variants": "train", "interests": "tower"}
   with pytest.raises(ValueError, match=message):
     parts = {}
     for name, value in values.items():
@@ -142,7 +144,7 @@ def test_command_line_and_python_refuse_the_same(values, message):
 
 
 def test_recent_length_must_be_below_history_length():
-  with flagsaver.flagsaver(history_length=0, recent_length=0):
+  with flagsaver.flagsaver(history_length=0, recent_length=0, interests=1):
     assert common.run_config().features.history_length == 0
   with flagsaver.flagsaver(history_length=5, recent_length=4):
     assert common.run_config().tower.recent_length == 4
@@ -169,6 +171,16 @@ def test_run_config_json_round_trip():
   assert again == config
   with pytest.raises(ValueError, match="Unknown TrainConfig fields"):
     config_lib.RunConfig.from_json('{"train": {"bogus": 1}}')
+
+
+def test_a_run_config_without_a_newer_setting_reads_as_made():
+  # config.json of a run made before --interests and --ema_momentum
+  # existed: one query vector and raw weights, not today's defaults.
+  raw = json.loads(config_lib.RunConfig().to_json())
+  del raw["tower"]["interests"], raw["train"]["ema_momentum"]
+  old = config_lib.RunConfig.from_json(json.dumps(raw))
+  assert old.tower.interests == 1 and old.train.ema_momentum == 0.0
+  assert config_lib.RunConfig().tower.interests > 1
 
 
 def _tt_mimic(*args, cwd=REPO):

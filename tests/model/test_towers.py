@@ -253,6 +253,19 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     for a, b in ((0, 1), (0, 2), (1, 2)):
       self.assertGreater(float(tf.reduce_max(tf.abs(p_u[:, a] - p_u[:, b]))),
                          1e-4)
+    # Each interest is the MLP of the shared parts and its own pool (the
+    # tower computes the first layer's shared product once).
+    # Pools: the mean, the shared head, then one head per interest.
+    pools = towers.pool_history(tower.embed_books, batch["history"],
+                                attention=tower.attention)
+    count = tf.math.log1p(tf.reduce_sum(
+        tf.cast(batch["history"] != 0, tf.float32), axis=1, keepdims=True))
+    for k in range(3):
+      x = tf.concat([tower.user_id(batch["user_id"]), pools[0], count,
+                     pools[1], tower.augmented(batch["user_id"]),
+                     pools[2 + k]], axis=-1)
+      self.assertAllClose(p_u[:, k], tf.math.l2_normalize(tower.mlp(x), -1),
+                          atol=1e-5)
     # One interest is one vector: the single-vector tower's shape.
     p_1, _ = user_tower(prep, built, interests=1)(batch)
     self.assertEqual(p_1.shape, (6, 8))

@@ -128,7 +128,9 @@ def test_catalog_adds_retrievable_books(run, tmp_path, brute_rec):
             history=tf.fill([len(user_ids), 1], ""))["embedding"].numpy()
   # TensorFlow Serving's layout: the new version's self-contained model.
   assert sorted(os.listdir(os.path.join(base_dir, "serving"))) == ["1", "2"]
-  scores = q @ embeddings.T
+  # A book's score for a user: its best over the user's query vectors.
+  scores = (q @ embeddings.T if q.ndim == 2
+            else np.einsum("ukd,nd->ukn", q, embeddings).max(axis=1))
   genre_of = {tiny_data.user_id(u): g
               for u, g in enumerate(run.dataset.user_genre)}
   fans = np.array([genre_of[u] == tiny_data.NEW_GENRE for u in user_ids])

@@ -319,15 +319,32 @@ class UserTower(tf.keras.Model):
       output = self.mlp(shared, training=training)
       return (tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1),
               augmented)
-    # One MLP input per interest: the shared parts and that interest's pool.
-    k = len(interest)
-    inputs = tf.concat([tf.repeat(shared[:, None], k, axis=1),
-                        tf.stack(interest, axis=1)], axis=-1)
-    output = self.mlp(tf.reshape(inputs, [-1, inputs.shape[-1]]),
-                      training=training)
-    output = tf.reshape(tf.cast(output, tf.float32),
-                        [-1, k, self.config.output_dim])
+    output = self._interests(shared, tf.stack(interest, axis=1), training)
     return tf.math.l2_normalize(output, axis=-1), augmented
+
+  def _interests(self, shared: tf.Tensor, pools: tf.Tensor,
+                 training: bool) -> tf.Tensor:
+    """The MLP of each [shared parts | interest k's pool] -> [b, k, out].
+
+    The first layer's product with the shared parts is computed once per
+    user rather than once per interest (W [s; p] = W_s s + W_p p); the rest
+    of the MLP runs on each interest.
+    """
+    width = shared.shape[-1]
+    if not self.mlp.built:
+      self.mlp.build([None, width + pools.shape[-1]])
+    first, rest = self.mlp.layers[0], self.mlp.layers[1:]
+    dtype = first.compute_dtype
+    kernel = tf.cast(first.kernel, dtype)
+    hidden = (tf.matmul(tf.cast(shared, dtype), kernel[:width])[:, None]
+              + tf.einsum("bkp,ph->bkh", tf.cast(pools, dtype),
+                          kernel[width:])
+              + tf.cast(first.bias, dtype))
+    x = tf.reshape(first.activation(hidden), [-1, first.units])
+    for layer in rest:
+      x = layer(x, training=training)
+    return tf.reshape(tf.cast(x, tf.float32),
+                      [tf.shape(shared)[0], -1, self.config.output_dim])
 
   @property
   def interest_heads(self) -> int:

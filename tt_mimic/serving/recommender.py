@@ -383,7 +383,9 @@ class Recommender:
 
   def _chunks(self, plans):
     """Row ranges whose exclusion comparison stays within the budget."""
-    retrieve = int(self.info.get("retrieve", self.k))
+    # Each of a user's query vectors retrieves its own books.
+    retrieve = int(self.info.get("retrieve", self.k)) * int(
+        self.info.get("interests", 1))
     start = 0
     while start < len(plans):
       stop, widest = start, 1
