@@ -14,6 +14,18 @@ from tiny_model import build
 from tiny_model import train_batch
 
 
+def _softmax_loss(logits, items, ids):
+  """The mean over queries of -log softmax of each query's own candidate
+  (candidate i for query i), hits of the row's own book elsewhere removed."""
+  rows = np.arange(len(items))
+  hits = ids[None, :] == items[:, None]
+  hits[rows, rows] = False
+  logits = np.where(hits, -np.inf, logits)
+  top = logits.max(axis=1, keepdims=True)
+  log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+  return -log_softmax[rows, rows].mean()
+
+
 class DATModelTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.product(loss=["softmax", "bce"], use_amm=[True, False],
@@ -94,13 +106,7 @@ class DATModelTest(tf.test.TestCase, parameterized.TestCase):
       extra = 1.0
     logits = p_u.numpy() @ cands.T / built.model.config.temperature
     logits -= np.log(len(items) * prep.item_probability[ids] + extra)
-    rows = np.arange(len(items))
-    hits = ids[None, :] == items[:, None]
-    hits[rows, rows] = False
-    logits[hits] = -np.inf
-    top = logits.max(axis=1, keepdims=True)
-    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
-    self.assertAllClose(got, -log_softmax[rows, rows].mean(), rtol=1e-4)
+    self.assertAllClose(got, _softmax_loss(logits, items, ids), rtol=1e-4)
 
   @parameterized.parameters("softmax", "bce")
   def test_several_interests(self, loss):
@@ -128,13 +134,7 @@ class DATModelTest(tf.test.TestCase, parameterized.TestCase):
     logits = (np.einsum("bkd,nd->bkn", p_u.numpy(), p_v.numpy()).max(axis=1)
               / built.model.config.temperature)
     logits -= np.log(len(items) * prep.item_probability[items])
-    rows = np.arange(len(items))
-    hits = items[None, :] == items[:, None]
-    hits[rows, rows] = False
-    logits[hits] = -np.inf
-    top = logits.max(axis=1, keepdims=True)
-    log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
-    self.assertAllClose(got, -log_softmax[rows, rows].mean(), rtol=1e-4)
+    self.assertAllClose(got, _softmax_loss(logits, items, items), rtol=1e-4)
 
   def test_fit_one_epoch_under_tf_function(self):
     prep, built = build()

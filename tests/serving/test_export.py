@@ -37,6 +37,16 @@ K = tiny_data.SERVING_FLAGS["export_k"]
 served_run = pytest.mark.xdist_group("serving")
 
 
+def _query_module(prep, tower):
+  """(QueryModule of `tower` on `prep`'s users, seen items, seen splits)."""
+  data = prep.data
+  seen_items, seen_splits = export.user_seen(data.events, len(data.users))
+  query = export.QueryModule(tower, data.users, data.items["parent_asin"],
+                             prep.user_id_index, seen_items, seen_splits,
+                             prep.feature_config.history_length)
+  return query, seen_items, seen_splits
+
+
 class ExportRoundTripTest(tf.test.TestCase, NormMixin):
 
   def test_query_and_candidate_modules_survive_save_and_load(self):
@@ -92,11 +102,8 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
   def test_query_module_with_attention_pools_survives_save_and_load(self):
     prep, built = build()
     data = prep.data
-    tower = user_tower(prep, built, history_attention=2)
-    seen_items, seen_splits = export.user_seen(data.events, len(data.users))
-    query = export.QueryModule(tower, data.users, data.items["parent_asin"],
-                               prep.user_id_index, seen_items, seen_splits,
-                               prep.feature_config.history_length)
+    query, _, _ = _query_module(prep, user_tower(prep, built,
+                                                 history_attention=2))
     users = tf.constant([str(u) for u in data.users[:3]] + ["NEW_USER"])
     asins = data.items["parent_asin"]
     hist = tf.constant([[asins.iloc[3], asins.iloc[5], ""]] * 4)
@@ -115,11 +122,8 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
     # does, with the user's read books excluded and no book twice.
     prep, built = build()
     data = prep.data
-    tower = user_tower(prep, built, interests=2)
-    seen_items, seen_splits = export.user_seen(data.events, len(data.users))
-    query = export.QueryModule(tower, data.users, data.items["parent_asin"],
-                               prep.user_id_index, seen_items, seen_splits,
-                               prep.feature_config.history_length)
+    query, seen_items, seen_splits = _query_module(
+        prep, user_tower(prep, built, interests=2))
     users = np.array([str(u) for u in data.users[:6]])
     vectors = query.serving_default(tf.constant(users))["embedding"].numpy()
     self.assertEqual(vectors.shape[1], 2)
