@@ -181,9 +181,10 @@ class TowerConfig(_Checked):
       "mean only.", lower=0)
   interests: int = setting(
       4, "Query vectors per user (multi-interest, ComiRec-SA, Cen et al. "
-      "2020): each has its own attention pool of the history; training "
-      "scores an example with the vector nearest its book, retrieval "
-      "scores a book by its best vector; 1 = one vector.", lower=1)
+      "2020): each has its own attention pool of the history; training, "
+      "evaluation and retrieval score a book by the user's best vector "
+      "(the mimic target is the vector nearest the example's book); 1 = "
+      "one vector.", lower=1)
 
 
 @dataclasses.dataclass(frozen=True)

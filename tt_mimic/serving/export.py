@@ -252,12 +252,9 @@ def best_per_book(scores, rows):
   grouped = tf.gather(books, by_book, batch_dims=1)
   repeat = tf.concat([tf.zeros_like(grouped[:, :1], tf.bool),
                       grouped[:, 1:] == grouped[:, :-1]], axis=1)
-  # Back to the input's order: position by_score[by_book[j]] holds entry j.
-  where = tf.gather(by_score, by_book, batch_dims=1)
-  batch = tf.shape(where)[0]
-  index = tf.stack([tf.repeat(tf.range(batch), tf.shape(where)[1]),
-                    tf.reshape(where, [-1])], axis=1)
-  repeat = tf.scatter_nd(index, tf.reshape(repeat, [-1]), tf.shape(scores))
+  # Back to score order, then to the input's order (inverse permutations).
+  for order in (by_book, by_score):
+    repeat = tf.gather(repeat, tf.argsort(order, axis=1), batch_dims=1)
   return tf.where(repeat, tf.constant(-np.inf, scores.dtype), scores)
 
 
@@ -289,9 +286,9 @@ class _Retrieval(tf.Module):
       shape = tf.shape(embedding)
       scores, rows = self.layer(tf.reshape(embedding, [-1, shape[2]]),
                                 k=self.retrieve)
-      scores = best_per_book(tf.reshape(scores, [shape[0], -1]),
-                             tf.reshape(rows, [shape[0], -1]))
+      # [batch, interests x retrieve]: every vector's books side by side.
       rows = tf.reshape(rows, [shape[0], -1])
+      scores = best_per_book(tf.reshape(scores, [shape[0], -1]), rows)
     else:
       scores, rows = self.layer(embedding, k=self.retrieve)
     ids = tf.gather(self.asins, tf.cast(rows, tf.int32))
