@@ -31,6 +31,23 @@ def dense_mean(embedded: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
   return tf.math.divide_no_nan(total, tf.reduce_sum(mask, axis=-2))
 
 
+def dense_attention_pools(attention, embed, ids: tf.Tensor) -> tf.Tensor:
+  """The reference the sparse attention pools are checked against: every
+  position scored on its own, a masked softmax over the row, the weighted
+  sum of the dense [batch, h, d] features -> [batch, heads, d]."""
+  batch, length = ids.shape
+  flat = tf.reshape(ids, [-1])
+  scores = tf.reshape(
+      attention(embed(flat), tf.range(tf.size(flat)),
+                tf.tile(tf.range(length), [batch])),
+      [batch, length, attention.heads])
+  valid = (ids != 0)[..., None]
+  share = tf.where(valid, tf.nn.softmax(
+      tf.where(valid, scores, -1e9), axis=1), 0.0)
+  return tf.einsum("bhk,bhd->bkd", share, tf.reshape(
+      embed(flat), [batch, length, -1]))
+
+
 class BagMeanTest(tf.test.TestCase):
 
   def test_mean_over_non_padding(self):
@@ -188,21 +205,9 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     attention = towers.HistoryAttention(2)
     pools = towers.pool_history(embed, history, attention=attention)
     self.assertLen(pools, 3)
-    # The reference: every position scored on its own, a masked softmax
-    # over the row, the weighted sum of the dense [batch, h, d] features.
-    flat = tf.reshape(history, [-1])
-    books = tf.reshape(embed(flat), [10, history.shape[1], -1])
-    position = tf.tile(tf.range(history.shape[1]), [10])
-    scores = tf.reshape(
-        attention(embed(flat), tf.range(tf.size(flat)), position),
-        [10, history.shape[1], 2])
-    scores = tf.where((history != 0)[..., None], scores, -1e9)
-    share = tf.nn.softmax(scores, axis=1)
-    share = tf.where((history != 0)[..., None], share, 0.0)
+    expected = dense_attention_pools(attention, embed, history)
     for k in range(2):
-      self.assertAllClose(pools[1 + k],
-                          tf.einsum("bh,bhd->bd", share[..., k], books),
-                          atol=1e-5)
+      self.assertAllClose(pools[1 + k], expected[:, k], atol=1e-5)
     self.assertAllEqual(pools[1][-1], tf.zeros_like(pools[1][-1]))
 
   def test_attention_scores_follow_the_formula(self):
@@ -376,19 +381,9 @@ class SparsePoolingTest(tf.test.TestCase, parameterized.TestCase):
   def test_attention_pools_and_their_gradients(self):
     attention = towers.HistoryAttention(3, units=4)
     embed = lambda items: 2.0 * tf.gather(self.table, items)  # noqa: E731
-    batch, length = self.ids.shape
 
     def slow():
-      # Every position scored on its own, a masked softmax over the row,
-      # the weighted sum of the dense [batch, h, d] features.
-      flat = tf.reshape(self.ids, [-1])
-      scores = tf.reshape(
-          attention(embed(flat), tf.range(tf.size(flat)),
-                    tf.tile(tf.range(length), [batch])), [batch, length, 3])
-      valid = (self.ids != 0)[..., None]
-      share = tf.where(valid, tf.nn.softmax(
-          tf.where(valid, scores, -1e9), axis=1), 0.0)
-      return tf.einsum("bhk,bhd->bkd", share, embed(self.ids))
+      return dense_attention_pools(attention, embed, self.ids)
 
     def fast():
       return tf.stack(

@@ -246,14 +246,13 @@ def head_pools(rows: tf.Tensor, row: tf.Tensor, column: tf.Tensor,
   (`benchmarks/throughput.py --profile_dir`). Here each head's is one
   elementwise product of gathered rows, the books' features gathered once.
   """
-  heads = tf.shape(share)[1]
-  entries = tf.size(row)
-  flat_row = (tf.repeat(row, heads) * tf.cast(heads, tf.int64)
-              + tf.tile(tf.range(tf.cast(heads, tf.int64)), [entries]))
+  heads = share.shape[1]  # static: the gradient runs one product per head
+  flat_row = (tf.repeat(row, heads) * heads
+              + tf.tile(tf.range(heads, dtype=tf.int64), [tf.size(row)]))
   sparse = tf.SparseTensor(
       tf.stack([flat_row, tf.repeat(column, heads)], axis=1),
       tf.reshape(share, [-1]),
-      tf.stack([tf.cast(batch, tf.int64) * tf.cast(heads, tf.int64),
+      tf.stack([tf.cast(batch, tf.int64) * heads,
                 tf.cast(tf.shape(rows)[0], tf.int64)]))
   pooled = tf.reshape(tf.sparse.sparse_dense_matmul(sparse, rows),
                       [batch, heads, tf.shape(rows)[1]])
@@ -264,7 +263,7 @@ def head_pools(rows: tf.Tensor, row: tf.Tensor, column: tf.Tensor,
     books = tf.gather(rows, column)
     d_share = tf.stack(
         [tf.reduce_sum(tf.gather(upstream[:, k], row) * books, axis=-1)
-         for k in range(share.shape[1])], axis=1)
+         for k in range(heads)], axis=1)
     return d_rows, None, None, d_share, None
 
   return pooled, grad
