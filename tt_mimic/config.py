@@ -220,6 +220,12 @@ class TrainConfig(_Checked):
                              "or cosine decay to 0 over --epochs.",
                              choices=("constant", "cosine"))
   weight_decay: float = setting(1e-4, "AdamW weight decay.", lower=0.0)
+  user_weight_power: float = setting(
+      0.0, "A training event's weight in the main loss: n^-power for a user "
+      "with n training events, scaled to a mean of 1 over the events. 0 = "
+      "every event alike; 1 = every user alike (as YouTube's fixed number "
+      "of examples per user, Covington et al. 2016), so the most active "
+      "users do not dominate the loss.", lower=0.0, upper=1.0)
   ema_momentum: float = setting(
       0.99, "Weight averaging: validation, the best and refit weights and the "
       "export use an exponential moving average of the trained weights with "

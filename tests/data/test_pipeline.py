@@ -271,3 +271,27 @@ def test_train_dataset_history_modes(tmp_path):
     assert item not in hist and (hist != 0).all()
   with pytest.raises(ValueError, match="'causal' or 'other'"):
     data.train_dataset(seq, index, 2, 3, 0, "random")
+
+
+def test_user_weights():
+  # Users with 1, 2 and 4 training events.
+  events = pd.DataFrame({"user": [1, 2, 2, 3, 3, 3, 3],
+                         "item": [10, 11, 12, 13, 14, 15, 16],
+                         "timestamp": [1, 1, 2, 1, 2, 3, 4],
+                         "split": [ingest.SPLIT_TRAIN] * 7})
+  seq = data.train_sequence(events)
+  whole = data.user_weights(seq, 1.0)
+  assert whole.mean() == pytest.approx(1.0)
+  # Every user weighs the same in total at power 1.
+  totals = np.bincount(seq.user, weights=whole)[1:]
+  np.testing.assert_allclose(totals, totals[0])
+  half = data.user_weights(seq, 0.5)
+  np.testing.assert_allclose(half[seq.user == 3] / half[seq.user == 1], 0.5)
+  index = np.arange(4)
+  plain = next(iter(data.train_dataset(seq, index, 2, 7, 0)))
+  assert "weight" not in plain
+  batch = next(iter(data.train_dataset(seq, index, 2, 7, 0,
+                                       user_weight_power=1.0)))
+  by_user = dict(zip(seq.user, whole))
+  expected = [by_user[u] for u in batch["user_id"].numpy()]
+  np.testing.assert_allclose(batch["weight"].numpy(), expected, rtol=1e-6)

@@ -14,16 +14,18 @@ from tiny_model import build
 from tiny_model import train_batch
 
 
-def _softmax_loss(logits, items, ids):
+def _softmax_loss(logits, items, ids, weight=None):
   """The mean over queries of -log softmax of each query's own candidate
-  (candidate i for query i), hits of the row's own book elsewhere removed."""
+  (candidate i for query i), hits of the row's own book elsewhere removed;
+  each query's term times its `weight` when given."""
   rows = np.arange(len(items))
   hits = ids[None, :] == items[:, None]
   hits[rows, rows] = False
   logits = np.where(hits, -np.inf, logits)
   top = logits.max(axis=1, keepdims=True)
   log_softmax = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
-  return -log_softmax[rows, rows].mean()
+  weight = np.ones(len(items)) if weight is None else weight
+  return -(weight * log_softmax[rows, rows]).mean()
 
 
 class DATModelTest(tf.test.TestCase, parameterized.TestCase):
@@ -107,6 +109,38 @@ class DATModelTest(tf.test.TestCase, parameterized.TestCase):
     logits = p_u.numpy() @ cands.T / built.model.config.temperature
     logits -= np.log(len(items) * prep.item_probability[ids] + extra)
     self.assertAllClose(got, _softmax_loss(logits, items, ids), rtol=1e-4)
+
+  def test_weighted_main_loss(self):
+    # --user_weight_power: each query's softmax term times its weight, the
+    # sum still divided by the batch size.
+    prep, built = build()
+    batch = train_batch(prep, size=16)
+    items = batch["item"].numpy()
+    p_u, _ = built.user_tower(batch)
+    p_v, _, _ = built.encoder(batch["item"])
+    weight = np.linspace(0.0, 2.0, 16).astype(np.float32)
+    got = float(built.model.main_loss(p_u, p_v, batch["item"], False,
+                                      weight=tf.constant(weight)))
+    logits = p_u.numpy() @ p_v.numpy().T / built.model.config.temperature
+    logits -= np.log(len(items) * prep.item_probability[items])
+    self.assertAllClose(got, _softmax_loss(logits, items, items, weight),
+                        rtol=1e-4)
+    self.assertNotAllClose(got, _softmax_loss(logits, items, items),
+                           rtol=1e-3)
+    # BCE draws its negatives at random; zero weights zero it whatever they
+    # are, and the batch's weights reach compute_loss.
+    prep, built = build(loss="bce")
+    batch = train_batch(prep, size=16)
+    p_u, _ = built.user_tower(batch)
+    p_v, _, _ = built.encoder(batch["item"])
+    self.assertGreater(float(built.model.main_loss(p_u, p_v, batch["item"],
+                                                   False)), 0.0)
+    self.assertEqual(float(built.model.main_loss(
+        p_u, p_v, batch["item"], False, weight=tf.zeros([16]))), 0.0)
+    for tracker in built.model.trackers.values():
+      tracker.reset_state()
+    built.model.compute_loss({**batch, "weight": tf.zeros([16])})
+    self.assertEqual(float(built.model.trackers["loss_main"].result()), 0.0)
 
   @parameterized.parameters("softmax", "bce")
   def test_several_interests(self, loss):

@@ -88,6 +88,14 @@ def gather_other_history(item: tf.Tensor, position: tf.Tensor,
   return tf.where(valid, values, tf.zeros_like(values))
 
 
+def user_weights(seq: TrainSequence, power: float) -> np.ndarray:
+  """[n] each training event's weight: n_u^-power for its user's n_u
+  training events, scaled so that the events' mean weight is 1 (the loss
+  keeps its scale; at power 1 every user weighs the same in total)."""
+  weight = (seq.user_end - seq.start).astype(np.float64) ** -power
+  return weight / weight.mean()
+
+
 def epoch_order(size: int, seed: int, epoch) -> tf.Tensor:
   """[size] the positions of epoch `epoch` in training order.
 
@@ -103,7 +111,8 @@ def epoch_order(size: int, seed: int, epoch) -> tf.Tensor:
 def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
                   history_length: int, batch_size: int,
                   seed: int, history: str = "causal", epochs: int = 1,
-                  first_epoch: int = 0) -> tf.data.Dataset:
+                  first_epoch: int = 0,
+                  user_weight_power: float = 0.0) -> tf.data.Dataset:
   """Shuffled, batched, prefetched feature dicts of training events.
 
   Args:
@@ -117,6 +126,9 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
       for data whose order carries no signal, such as a random split).
     epochs: one past the last epoch the dataset holds.
     first_epoch: the first epoch it holds (a resumed run's).
+    user_weight_power: when positive, each example also has a `weight`:
+      n^-power for a user with n training events, scaled to a mean of 1
+      over the events (`user_weights`).
 
   Returns:
     The batches of epochs first_epoch, ..., epochs - 1 in one stream
@@ -129,6 +141,8 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
   start, end = tf.constant(seq.start), tf.constant(seq.end)
   user_end = tf.constant(seq.user_end)
   size = len(seq)
+  weight = (tf.constant(user_weights(seq, user_weight_power), tf.float32)
+            if user_weight_power > 0 else None)
 
   def features(positions):
     if history == "causal":
@@ -138,8 +152,11 @@ def train_dataset(seq: TrainSequence, user_id_index: np.ndarray,
       books = gather_other_history(item, positions, tf.gather(start, positions),
                                    tf.gather(user_end, positions),
                                    history_length)
-    return {"user_id": tf.gather(user, positions),
-            "item": tf.gather(item, positions), "history": books}
+    out = {"user_id": tf.gather(user, positions),
+           "item": tf.gather(item, positions), "history": books}
+    if weight is not None:
+      out["weight"] = tf.gather(weight, positions)
+    return out
 
   def one_epoch(epoch):
     return tf.data.Dataset.from_tensor_slices(

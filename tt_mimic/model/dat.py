@@ -49,7 +49,9 @@ class DATModel(tfrs.Model):
   """Two-tower retrieval with DAT's adaptive mimic and category alignment.
 
   Batches are dicts of integer tensors: `user_id` [batch], `history`
-  [batch, h] and `item` [batch] (corpus index of the positive book).
+  [batch, h] and `item` [batch] (corpus index of the positive book), and
+  optionally float `weight` [batch], each example's weight in the main
+  loss (`--user_weight_power`).
   """
 
   def __init__(self, user_tower: towers.UserTower,
@@ -105,7 +107,7 @@ class DATModel(tfrs.Model):
     return self.user_tower.rng.uniform([count], 1, self.num_items + 1,
                                        tf.int64)
 
-  def main_loss(self, p_u, p_v, items, training, batch=None):
+  def main_loss(self, p_u, p_v, items, training, batch=None, weight=None):
     """This replica's share of the main loss's mean over the global batch.
 
     Args:
@@ -116,6 +118,7 @@ class DATModel(tfrs.Model):
       items: [n] their corpus indices.
       training: passed to the item tower for sampled negatives.
       batch: the global batch size (default n: one replica).
+      weight: optional [b] weight of each query's loss (default 1).
 
     Returns:
       The sum of this replica's per-query losses divided by `batch`; the sum
@@ -128,7 +131,7 @@ class DATModel(tfrs.Model):
       positives = p_v[:tf.shape(p_u)[0]]
       if p_u.shape.rank == 3:
         p_u = select_interest(p_u, positives)
-      return self._bce(p_u, positives, training) / batch
+      return self._bce(p_u, positives, training, weight) / batch
     candidates = p_v
     extra = min(self.config.uniform_negatives, self.num_items)
     if extra:
@@ -149,12 +152,12 @@ class DATModel(tfrs.Model):
       count = (batch * tf.gather(self.item_probability, ids)
                + extra / self.num_items)
       probability = count / tf.reduce_max(count)
-    total = self.task(p_u, candidates,
+    total = self.task(p_u, candidates, sample_weight=weight,
                       candidate_sampling_probability=probability,
                       candidate_ids=ids, compute_metrics=False)
     return total / batch
 
-  def _bce(self, p_u, p_v, training):
+  def _bce(self, p_u, p_v, training, weight=None):
     s = self.config.bce_negatives
     batch = tf.shape(p_u)[0]
     negatives = self._sample(batch * s)
@@ -164,9 +167,13 @@ class DATModel(tfrs.Model):
     neg = tf.einsum("bd,bsd->bs", p_u, n_v)
     logits = tf.concat([pos, neg], 1) / self.config.temperature
     labels = tf.concat([tf.ones_like(pos), tf.zeros_like(neg)], 1)
-    # The sum over queries of each query's mean over its 1 + s logits.
-    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=labels, logits=logits)) / (1 + s)
+    # The (weighted) sum over queries of each query's mean over its 1 + s
+    # logits.
+    per_query = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=labels, logits=logits), axis=1) / (1 + s)
+    if weight is not None:
+      per_query *= tf.cast(weight, per_query.dtype)
+    return tf.reduce_sum(per_query)
 
   def compute_loss(self, inputs, training=False):
     """This replica's share of the loss of the global batch (see
@@ -202,7 +209,7 @@ class DATModel(tfrs.Model):
         p_v, items, category)
     share = tf.cast(tf.shape(items)[0], tf.float32) / batch
     terms = {"loss_main": self.main_loss(p_u, all_v, all_items, training,
-                                         batch)}
+                                         batch, inputs.get("weight"))}
     if p_u.shape.rank == 3:
       # Several interests: the mimic target is the one nearest the positive.
       p_u = select_interest(p_u, p_v)

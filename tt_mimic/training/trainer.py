@@ -290,7 +290,8 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
                                      config.batch_size, config.seed,
                                      prep.feature_config.train_history,
                                      epochs=config.epochs,
-                                     first_epoch=first_epoch)
+                                     first_epoch=first_epoch,
+                                     user_weight_power=config.user_weight_power)
     callbacks = [
         # Validation first: a backup must never get ahead of the validation
         # state, or a crash in between would lose that epoch's validation.
