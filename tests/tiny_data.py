@@ -294,10 +294,11 @@ SERVING_FLAGS = dict(
     history_length=10, title_length=12, recommend_k=5, export=True,
     export_k=20, max_exclusions=30, category_top_k=50, author_top_k=50,
     title_max_tokens=500, patience=0,
-    # One query vector: with several, the catalog's metadata-only books rank
-    # by genre less well on this data (one genre per user; README "Flags").
-    # The export of several is tested in test_export.py.
-    interests=1)
+    # One query vector and a free user-id embedding: with several vectors,
+    # or without the embedding (the defaults), the catalog's metadata-only
+    # books rank by genre less well on this data (one genre per user; README
+    # "Flags"). The export of the defaults is tested in test_export.py.
+    interests=1, user_id_embedding=True)
 
 
 def as_argv(values: dict) -> list[str]:

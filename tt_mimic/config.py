@@ -157,7 +157,7 @@ class TowerConfig(_Checked):
   recent_length: int = setting(0, "Also pool the user's N most recent "
                                "history books on their own (0: only the pool "
                                "of the whole history).", lower=0)
-  user_id_embedding: bool = setting(True, "Give the user tower a free "
+  user_id_embedding: bool = setting(False, "Give the user tower a free "
                                     "user-id embedding (without it, a user "
                                     "is their history, plus a_u under AMM).")
   id_only: bool = setting(False, "Towers that are only a user-id and an "
@@ -167,7 +167,7 @@ class TowerConfig(_Checked):
                                        "history books with the item tower's "
                                        "id embedding (else a table of its "
                                        "own).")
-  history_dropout: float = setting(0.5, "Training-time chance of hiding a "
+  history_dropout: float = setting(0.0, "Training-time chance of hiding a "
                                    "user's whole history.", lower=0.0,
                                    upper=1.0)
   history_item_dropout: float = setting(

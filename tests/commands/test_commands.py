@@ -113,7 +113,8 @@ def test_base_cfg_check_can_fail(monkeypatch, tmp_path):
     ({"recent_length": 5, "history_length": 5}, "smaller than --history_length"),
     ({"history_length": 0, "user_id_embedding": False},
      "no input that tells users apart"),
-    ({"history_length": 0, "interests": 2}, "needs a history to pool"),
+    ({"history_length": 0, "interests": 2, "user_id_embedding": True},
+     "needs a history to pool"),
     ({"split": "random"}, "'random' is not one of"),
     ({"temperature": 0.0}, "below"),
     ({"hidden_units": (0,)}, "below 1"),
@@ -144,7 +145,8 @@ def test_command_line_and_python_refuse_the_same(values, message):
 
 
 def test_recent_length_must_be_below_history_length():
-  with flagsaver.flagsaver(history_length=0, recent_length=0, interests=1):
+  with flagsaver.flagsaver(history_length=0, recent_length=0, interests=1,
+                           user_id_embedding=True):
     assert common.run_config().features.history_length == 0
   with flagsaver.flagsaver(history_length=5, recent_length=4):
     assert common.run_config().tower.recent_length == 4

@@ -249,7 +249,8 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     prep, built = build()
     batch = {"user_id": tf.constant(prep.val.user_id[:6]),
              "history": tf.constant(prep.val.history[:6])}
-    tower = user_tower(prep, built, interests=3, history_attention=1)
+    tower = user_tower(prep, built, interests=3, history_attention=1,
+                       user_id_embedding=True)
     p_u, _ = tower(batch)
     self.assertEqual(p_u.shape, (6, 3, 8))
     self.assertUnitNorm(tf.reshape(p_u, [-1, 8]))
