@@ -2,8 +2,9 @@
 
 Item tower input z_v = [e(item id) | e(author) | mean e(categories) |
 mean e(title tokens) | normalized numerics | a_v]; user tower input
-z_u = [e(user id) | pooled features of the user's history books (their
-mean, and optionally attention pools) | a_u].
+z_u = [e(user id) (with --user_id_embedding, off by default) | pooled
+features of the user's history books (their mean, and optionally attention
+pools) | a_u].
 Each tower is a ReLU MLP followed by L2 normalization (DAT, Yu et al. 2021,
 section 3). a_u and a_v are the adaptive-mimic vectors, one per id, with
 the towers' output dimension.
