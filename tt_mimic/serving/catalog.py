@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -55,6 +54,7 @@ from tt_mimic.data import features
 from tt_mimic.data import ingest
 from tt_mimic.serving import export
 from tt_mimic.serving import recommender as recommend
+from tt_mimic.training import pipeline
 
 METADATA_COLUMNS = ("title", "author", "categories") + ingest.NUMERIC_COLUMNS
 ITEM_COLUMNS = ("parent_asin",) + METADATA_COLUMNS + ("train_count",)
@@ -173,16 +173,15 @@ def _write_atomic(path: str, write) -> None:
 @contextlib.contextmanager
 def _locked(directory: str):
   """Holds the export's catalog lock (released when the process ends)."""
-  with open(os.path.join(directory, _LOCK), "a") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise CatalogError(f"Another tt-mimic catalog is writing {directory}; "
-                         "wait for it to finish.") from None
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  lock = contextlib.ExitStack()
+  try:
+    lock.enter_context(pipeline.run_lock(directory, create=False,
+                                         lock_file=_LOCK))
+  except pipeline.RunDirBusyError as e:
+    raise CatalogError(f"Another tt-mimic catalog ({e.holder}) is writing "
+                       f"{directory}; wait for it to finish.") from None
+  with lock:
+    yield
 
 
 def clean_stale(directory: str) -> list[str]:

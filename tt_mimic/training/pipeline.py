@@ -57,18 +57,22 @@ class RunError(FileNotFoundError):
 
 
 class RunDirBusyError(RunError):
-  """Another process holds the run directory."""
+  """Another process holds the run directory (`holder` names it)."""
+
+  def __init__(self, message: str, holder: str):
+    super().__init__(message)
+    self.holder = holder
 
 
 LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def run_lock(model_dir: str, create: bool = True):
+def run_lock(model_dir: str, create: bool = True, lock_file: str = LOCK_FILE):
   """Holds `model_dir` for this process: creates it (with `create`; else it
   must exist), checks that it is writable and takes an exclusive lock
-  (`<model_dir>/.lock`, flock: the kernel releases it when the process
-  ends, also on kill -9).
+  (`<model_dir>/<lock_file>`, flock: the kernel releases it when the process
+  ends, also on kill -9). The lock file names its holder while held.
 
   Raises:
     RunError: the directory does not exist (without `create`), or cannot be
@@ -76,7 +80,7 @@ def run_lock(model_dir: str, create: bool = True):
     RunDirBusyError: another process holds it; the message names that
       process (pid, command, start time).
   """
-  path = os.path.join(model_dir, LOCK_FILE)
+  path = os.path.join(model_dir, lock_file)
   if not create and not os.path.isdir(model_dir):
     raise RunError(f"{model_dir} does not exist: is it a training run "
                    "(tt-mimic train)?")
@@ -94,7 +98,7 @@ def run_lock(model_dir: str, create: bool = True):
       holder = handle.read().strip() or "another process"
       raise RunDirBusyError(
           f"{model_dir} is in use by {holder}; wait for it to end or use "
-          "another --model_dir.") from None
+          "another --model_dir.", holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()} ({' '.join(sys.argv) or 'python'}, "
