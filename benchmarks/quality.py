@@ -6,7 +6,9 @@
 Takes the training flags (flags/*.cfg and overrides) plus --seeds and
 --peers; prints mean and standard deviation over seeds of the test metrics
 (full corpus, each user's known books masked) and writes
-<model_dir>/summary.json and <model_dir>/seed_<n>/metrics_with_peers.json.
+<model_dir>/summary.json, <model_dir>/segments.md (Recall@20 by user and
+book segment, mean ± std over seeds) and
+<model_dir>/seed_<n>/metrics_with_peers.json.
 The peers (benchmarks/peers.py: implicit ALS, EASE) fit on the training
 events, are tuned on validation Recall@20 over the grids below and are
 scored on test through the same `evaluation.evaluate` call as the towers.
@@ -30,6 +32,7 @@ import tt_mimic  # noqa: F401,E402
 from tt_mimic.commands import common  # noqa: E402  (defines the run flags)
 from tt_mimic.training import experiment  # noqa: E402
 from tt_mimic.training import pipeline  # noqa: E402
+from tt_mimic.training import report  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
@@ -136,6 +139,8 @@ def main(argv):
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   print(f"\nTest metrics over seeds {list(per_seed)} (mean ± std):\n{table}")
+  segment_table = "\n".join(report.segments(list(per_seed.values())))
+  print(f"\nTest segments over seeds {list(per_seed)}:\n\n{segment_table}")
   for name in peer_names:
     for seed in per_seed:
       result = per_seed[seed][name]
@@ -144,6 +149,8 @@ def main(argv):
   with open(os.path.join(root, "summary.json"), "w") as f:
     json.dump({"seeds": list(per_seed), "summary": summary,
                "per_seed": per_seed}, f, indent=1, default=str)
+  with open(os.path.join(root, "segments.md"), "w") as f:
+    f.write(segment_table + "\n")
 
 
 if __name__ == "__main__":

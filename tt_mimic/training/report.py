@@ -199,25 +199,47 @@ SEGMENT_TITLES = {"user_activity": "users by known events",
                   "category": "held-out books by top-level category"}
 
 
-def segments(metrics: dict, k: int = 20) -> list[str]:
-  """Recall@k of every variant by segment, one table per kind."""
-  names = [n for n, m in metrics.items() if "segments" in m]
+def segments(metrics: dict | list[dict], k: int = 20) -> list[str]:
+  """Recall@k of every variant by segment, one table per kind.
+
+  `metrics`: one run's test metrics by variant (metrics.json's layout), or
+  a list of them, one per seed: then each cell is the mean ± standard
+  deviation over the seeds that have the variant and segment (and how
+  many those are, when not all).
+  """
+  runs = metrics if isinstance(metrics, list) else [metrics]
+  names = list(dict.fromkeys(n for run in runs for n, m in run.items()
+                             if isinstance(m, dict) and "segments" in m))
   if not names:
     return []
+
+  def found(kind, seg, name):
+    return [run[name]["segments"][kind][seg] for run in runs
+            if seg in run.get(name, {}).get("segments", {}).get(kind, {})]
+
+  def cell(values):
+    if not values:
+      return "-"
+    recall = np.array([v[f"recall@{k}"] for v in values])
+    if len(runs) == 1:
+      return f"{recall[0]:.4f}"
+    text = f"{recall.mean():.4f} ± {recall.std():.4f}"
+    if len(values) < len(runs):
+      text += f" ({len(values)} of {len(runs)} seeds)"
+    return text
+
   lines = []
   for kind, title in SEGMENT_TITLES.items():
     rows = list(dict.fromkeys(
-        seg for n in names for seg in metrics[n]["segments"].get(kind, {})))
+        seg for run in runs for n in names
+        for seg in run.get(n, {}).get("segments", {}).get(kind, {})))
     lines += [f"### Recall@{k}, {title}", "",
               "| segment | n | " + " | ".join(names) + " |",
               "|---|---|" + "---|" * len(names)]
     for seg in rows:
-      first = next(metrics[n]["segments"][kind][seg] for n in names
-                   if seg in metrics[n]["segments"].get(kind, {}))
+      first = next(v for n in names for v in found(kind, seg, n))
       size = first.get("users", first.get("targets"))
-      cells = [f"{metrics[n]['segments'][kind][seg][f'recall@{k}']:.4f}"
-               if seg in metrics[n]["segments"].get(kind, {}) else "-"
-               for n in names]
+      cells = [cell(found(kind, seg, n)) for n in names]
       lines.append(f"| {seg} | {size} | " + " | ".join(cells) + " |")
     lines.append("")
   return lines
