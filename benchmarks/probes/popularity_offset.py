@@ -1,7 +1,10 @@
 """Probe: does beta * log(training frequency) added to a trained variant's
 logits raise validation recall? (docs/results.md, third session.)
 
-    .venv/bin/python benchmarks/probes/popularity_offset.py <model_dir> [variant]
+    .venv/bin/python benchmarks/probes/popularity_offset.py <model_dir> [variant] [betas]
+
+betas: comma-separated (default 0,0.25,0.5,0.75,1; negative ones favour
+rarer books).
 """
 import sys
 import numpy as np
@@ -17,7 +20,9 @@ model_score = pipeline.model_scorer(built, len(prep.data.items), emb)
 tau = config.loss.temperature
 p = np.asarray(prep.item_probability, np.float64)
 logp = tf.constant(np.log(np.maximum(p, 1e-12)), tf.float32)
-for beta in [0.0, 0.25, 0.5, 0.75, 1.0]:
+betas = ([float(b) for b in sys.argv[3].split(",")] if len(sys.argv) > 3
+         else [0.0, 0.25, 0.5, 0.75, 1.0])
+for beta in betas:
   def score(batch, beta=beta):
     # model_scorer: a book's best score over the user's query vectors.
     return model_score(batch) / tau + beta * logp[None, :]
