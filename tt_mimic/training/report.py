@@ -213,9 +213,13 @@ def segments(metrics: dict | list[dict], k: int = 20) -> list[str]:
   if not names:
     return []
 
+  def kind_of(run, name, kind):
+    """{segment: metrics} of one kind for a variant of one run ({} if none)."""
+    return run.get(name, {}).get("segments", {}).get(kind, {})
+
   def found(kind, seg, name):
-    return [run[name]["segments"][kind][seg] for run in runs
-            if seg in run.get(name, {}).get("segments", {}).get(kind, {})]
+    return [kind_of(run, name, kind)[seg] for run in runs
+            if seg in kind_of(run, name, kind)]
 
   def cell(values):
     if not values:
@@ -231,8 +235,7 @@ def segments(metrics: dict | list[dict], k: int = 20) -> list[str]:
   lines = []
   for kind, title in SEGMENT_TITLES.items():
     rows = list(dict.fromkeys(
-        seg for run in runs for n in names
-        for seg in run.get(n, {}).get("segments", {}).get(kind, {})))
+        seg for run in runs for n in names for seg in kind_of(run, n, kind)))
     lines += [f"### Recall@{k}, {title}", "",
               "| segment | n | " + " | ".join(names) + " |",
               "|---|---|" + "---|" * len(names)]
