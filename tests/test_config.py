@@ -85,3 +85,25 @@ def test_claim_keeps_a_run_made_before_a_new_setting(tmp_path):
   assert os.path.exists(marker)
   trainer._claim(directory, _stamp(history_item_dropout=0.5))
   assert not os.path.exists(marker)
+
+
+def test_claim_keeps_a_variant_when_only_refit_differs(tmp_path):
+  # A dat trained with --norefit is the same model with --refit: the refit
+  # is a variant of its own (with its refit_epochs).
+  directory = str(tmp_path / "variant")
+  trainer._claim(directory, _stamp(refit=False))
+  marker = os.path.join(directory, "weights")
+  open(marker, "w").close()
+  with open(os.path.join(directory, "settings.json")) as f:
+    assert "refit" not in json.load(f)["train"]
+  trainer._claim(directory, _stamp(refit=True))
+  assert os.path.exists(marker)
+  # A stamp written before, with refit in it, is kept too.
+  old = _stamp(refit=False)
+  with open(os.path.join(directory, "settings.json"), "w") as f:
+    json.dump(old, f)
+  trainer._claim(directory, _stamp(refit=True))
+  assert os.path.exists(marker)
+  # Every other setting still counts.
+  trainer._claim(directory, _stamp(refit=True, batch_size=7))
+  assert not os.path.exists(marker)

@@ -363,17 +363,27 @@ def resumed_epoch(backup_dir: str) -> int:
   return int(reader.get_tensor(key)) + 1
 
 
+def _shaping(settings: dict) -> dict:
+  """A stamp without --refit: whether dat is refit afterwards does not
+  shape a variant (a refit is a variant of its own, stamped with its
+  refit_epochs), so a run made with --norefit resumes with --refit. Stamps
+  written before 2026-12-06 hold it too."""
+  train = {k: v for k, v in settings.get("train", {}).items() if k != "refit"}
+  return {**settings, "train": train} if "train" in settings else settings
+
+
 def _claim(directory: str, settings: dict) -> None:
   """Keeps a variant directory only if it was made with the same settings.
 
   A finished or interrupted run is resumed only when every setting that
   shapes the result matches; otherwise its directory is cleared.
   """
+  settings = _shaping(settings)
   path = os.path.join(directory, "settings.json")
   text = json.dumps(settings, sort_keys=True, indent=1, default=str)
   if os.path.exists(path):
     with open(path) as f:
-      if same_settings(json.load(f), settings):
+      if same_settings(_shaping(json.load(f)), settings):
         return
     logging.warning("%s was trained with other settings; starting over.",
                     directory)
