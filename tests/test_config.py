@@ -98,11 +98,14 @@ def test_claim_keeps_a_variant_when_only_refit_differs(tmp_path):
     assert "refit" not in json.load(f)["train"]
   trainer._claim(directory, _stamp(refit=True))
   assert os.path.exists(marker)
-  # A stamp written before, with refit in it, is kept too.
+  # A stamp written before, with refit (and verbose 0, variants None) in
+  # it, is kept too, whatever the progress output and variants now.
   old = _stamp(refit=False)
+  old["train"].update(verbose=0, variants=None)
   with open(os.path.join(directory, "settings.json"), "w") as f:
     json.dump(old, f)
-  trainer._claim(directory, _stamp(refit=True))
+  trainer._claim(directory, _stamp(refit=True, verbose=2,
+                                   variants=("dat",)))
   assert os.path.exists(marker)
   # Every other setting still counts.
   trainer._claim(directory, _stamp(refit=True, batch_size=7))

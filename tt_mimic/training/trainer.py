@@ -258,8 +258,7 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
   _claim(directory, {"refit_epochs": refit_epochs,
                       "tower": dataclasses.asdict(tower_config),
                       "loss": dataclasses.asdict(loss_config),
-                      "train": {**dataclasses.asdict(config), "verbose": 0,
-                                "variants": None},
+                      "train": dataclasses.asdict(config),
                       "features": dataclasses.asdict(prep.feature_config),
                       "data": prep.data.report.get("config", {})})
   tensorboard_dir = tensorboard_dir or os.path.join(directory, "tensorboard")
@@ -363,13 +362,20 @@ def resumed_epoch(backup_dir: str) -> int:
   return int(reader.get_tensor(key)) + 1
 
 
+# Training settings that do not shape a variant: Keras's progress output,
+# which variants the run trains, and whether dat is refit afterwards (a
+# refit is a variant of its own, stamped with its refit_epochs; so a run
+# made with --norefit resumes with --refit).
+_NOT_SHAPING = ("verbose", "variants", "refit")
+
+
 def _shaping(settings: dict) -> dict:
-  """A stamp without --refit: whether dat is refit afterwards does not
-  shape a variant (a refit is a variant of its own, stamped with its
-  refit_epochs), so a run made with --norefit resumes with --refit. Stamps
-  written before 2026-12-06 hold it too."""
-  train = {k: v for k, v in settings.get("train", {}).items() if k != "refit"}
-  return {**settings, "train": train} if "train" in settings else settings
+  """A stamp without the settings of `_NOT_SHAPING`. Stamps written before
+  2026-12-06 hold them (verbose 0, variants None, refit as run)."""
+  if "train" not in settings:
+    return settings
+  return {**settings, "train": {k: v for k, v in settings["train"].items()
+                                if k not in _NOT_SHAPING}}
 
 
 def _claim(directory: str, settings: dict) -> None:
