@@ -191,11 +191,8 @@ class TowerConfig(_Checked):
 class LossConfig(_Checked):
   """Main loss and DAT's extra terms."""
   loss: str = setting("softmax", "Main loss: in-batch softmax (TFRS "
-                      "Retrieval, log-Q corrected), DAT's BCE with "
-                      "negatives, or ccl: the cosine contrastive loss of "
-                      "SimpleX (Mao et al. 2021) over --uniform_negatives "
-                      "(--ccl_margin, --ccl_negative_weight; no temperature "
-                      "or log-Q).", choices=("softmax", "bce", "ccl"))
+                      "Retrieval, log-Q corrected) or DAT's BCE with "
+                      "negatives.", choices=("softmax", "bce"))
   temperature: float = setting(0.05, "Score temperature.", lower=1e-4)
   log_q: bool = setting(True, "Log-Q correction (softmax).")
   uniform_negatives: int = setting(0, "Uniform corpus negatives mixed into "
@@ -203,20 +200,10 @@ class LossConfig(_Checked):
                                    "corpus size, the whole corpus.", lower=0)
   bce_negatives: int = setting(4, "Negatives per positive for --loss=bce.",
                                lower=1)
-  ccl_margin: float = setting(0.5, "--loss=ccl: a negative's cosine below "
-                              "this costs nothing.", lower=-1.0, upper=1.0)
-  ccl_negative_weight: float = setting(
-      100.0, "--loss=ccl: weight of the mean negative term against the "
-      "positive's 1 - cosine.", lower=0.0)
   use_cal: bool = setting(True, "Category Alignment Loss.")
   lambda_u: float = setting(0.5, "Weight of loss_u.", lower=0.0)
   lambda_v: float = setting(0.5, "Weight of loss_v.", lower=0.0)
   lambda_ca: float = setting(1.0, "Weight of loss_CA.", lower=0.0)
-
-  def check(self) -> None:
-    if self.loss == "ccl" and not self.uniform_negatives:
-      raise ValueError("--loss=ccl draws its negatives from the corpus: set "
-                       "--uniform_negatives (e.g. 1024).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,6 @@ import numpy as np
 import tt_mimic  # noqa: F401  (must precede TensorFlow)
 import tensorflow as tf
 
-from tt_mimic.config import LossConfig
 from tt_mimic.data import pipeline as data_lib
 from tt_mimic.model import dat as model_lib
 
@@ -31,11 +30,10 @@ def _softmax_loss(logits, items, ids, weight=None):
 
 class DATModelTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.product(loss=["softmax", "bce", "ccl"],
-                         use_amm=[True, False], use_cal=[True, False])
+  @parameterized.product(loss=["softmax", "bce"], use_amm=[True, False],
+                         use_cal=[True, False])
   def test_compute_loss_terms(self, loss, use_amm, use_cal):
-    extra = dict(uniform_negatives=16) if loss == "ccl" else {}
-    prep, built = build(use_amm=use_amm, loss=loss, use_cal=use_cal, **extra)
+    prep, built = build(use_amm=use_amm, loss=loss, use_cal=use_cal)
     batch = train_batch(prep)
     model = built.model
     for tracker in model.trackers.values():
@@ -171,40 +169,6 @@ class DATModelTest(tf.test.TestCase, parameterized.TestCase):
               / built.model.config.temperature)
     logits -= np.log(len(items) * prep.item_probability[items])
     self.assertAllClose(got, _softmax_loss(logits, items, items), rtol=1e-4)
-
-  @parameterized.product(interests=[1, 3], weighted=[False, True])
-  def test_ccl_against_numpy(self, interests, weighted):
-    # --loss=ccl with the whole corpus as negatives (no draw): per query,
-    # 1 - cos(positive) + w * mean over the other books of
-    # max(0, cos - margin); a user with several interests scores a book by
-    # the best one.
-    prep, built = build(loss="ccl", uniform_negatives=10**6, ccl_margin=0.1,
-                        ccl_negative_weight=3.0, interests=interests)
-    batch = train_batch(prep, size=16)
-    items = batch["item"].numpy()
-    n = len(prep.data.items)
-    p_u, _ = built.user_tower(batch)
-    p_v, _, _ = built.encoder(batch["item"])
-    corpus, _, _ = built.encoder(tf.range(1, n + 1))
-    weight = (np.linspace(0.0, 2.0, 16).astype(np.float32) if weighted
-              else None)
-    got = float(built.model.main_loss(
-        p_u, p_v, batch["item"], False,
-        weight=None if weight is None else tf.constant(weight)))
-    u = p_u.numpy().reshape(16, interests, -1)
-    pos = np.einsum("bkd,bd->bk", u, p_v.numpy()).max(axis=1)
-    neg = np.einsum("bkd,nd->bkn", u, corpus.numpy()).max(axis=1)
-    other = np.arange(1, n + 1)[None, :] != items[:, None]
-    hinge = np.where(other, np.maximum(neg - 0.1, 0.0), 0.0)
-    per_query = 1.0 - pos + 3.0 * hinge.sum(1) / other.sum(1)
-    self.assertGreater(hinge.sum(), 0.0)  # the negative term takes part
-    if weighted:
-      per_query *= weight
-    self.assertAllClose(got, per_query.mean(), rtol=1e-4)
-
-  def test_ccl_needs_corpus_negatives(self):
-    with self.assertRaisesRegex(ValueError, "--uniform_negatives"):
-      LossConfig(loss="ccl")
 
   def test_fit_one_epoch_under_tf_function(self):
     prep, built = build()

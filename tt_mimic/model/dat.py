@@ -132,9 +132,6 @@ class DATModel(tfrs.Model):
       if p_u.shape.rank == 3:
         p_u = select_interest(p_u, positives)
       return self._bce(p_u, positives, training, weight) / batch
-    if self.config.loss == "ccl":
-      return self._ccl(p_u, p_v[:tf.shape(p_u)[0]], ids[:tf.shape(p_u)[0]],
-                       training, weight) / batch
     candidates = p_v
     extra = min(self.config.uniform_negatives, self.num_items)
     if extra:
@@ -174,37 +171,6 @@ class DATModel(tfrs.Model):
     # logits.
     per_query = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
         labels=labels, logits=logits), axis=1) / (1 + s)
-    if weight is not None:
-      per_query *= tf.cast(weight, per_query.dtype)
-    return tf.reduce_sum(per_query)
-
-  def _ccl(self, p_u, p_v, items, training, weight=None):
-    """The weighted sum over queries of SimpleX's cosine contrastive loss.
-
-    Per query: (1 - cos(u, positive)) + w * mean over the negatives of
-    max(0, cos(u, negative) - margin) (Mao et al., "SimpleX: A Simple and
-    Strong Baseline for Collaborative Filtering", CIKM 2021, eq. 1). The
-    towers' outputs are unit vectors, so their dot products are cosines; a
-    user with several interests scores a book by the best one, as the
-    softmax does. The negatives are --uniform_negatives books drawn from
-    the corpus (all of it at or above its size), shared by the batch; a
-    draw of a query's own positive is not its negative.
-    """
-    cfg = self.config
-    count = min(cfg.uniform_negatives, self.num_items)
-    negatives = (self._sample(count) if count < self.num_items else
-                 tf.range(1, self.num_items + 1, dtype=tf.int64))
-    n_v, _, _ = self.item_encoder(negatives, training=training)
-    if p_u.shape.rank == 3:
-      pos = tf.reduce_max(tf.einsum("bkd,bd->bk", p_u, p_v), axis=1)
-      neg = tf.reduce_max(tf.einsum("bkd,nd->bkn", p_u, n_v), axis=1)
-    else:
-      pos = tf.reduce_sum(p_u * p_v, axis=-1)
-      neg = tf.matmul(p_u, n_v, transpose_b=True)
-    other = tf.cast(negatives[None, :] != items[:, None], neg.dtype)
-    per_query = (1.0 - pos) + cfg.ccl_negative_weight * tf.math.divide_no_nan(
-        tf.reduce_sum(tf.nn.relu(neg - cfg.ccl_margin) * other, axis=1),
-        tf.reduce_sum(other, axis=1))
     if weight is not None:
       per_query *= tf.cast(weight, per_query.dtype)
     return tf.reduce_sum(per_query)
