@@ -179,6 +179,11 @@ class TowerConfig(_Checked):
       "user's books by a learned score of the book's features and a learned "
       "recency decay (structured self-attention, Lin et al. 2017); 0 = the "
       "mean only.", lower=0)
+  id_residual: bool = setting(
+      False, "Add a linear id path to each tower's output before its "
+      "normalization: the candidate's own output-width id embedding, and the "
+      "mean of the history books' embeddings in a second table (an "
+      "item-item model like FISM, Kabbur et al. 2013, beside the MLP).")
   interests: int = setting(
       4, "Query vectors per user (multi-interest, ComiRec-SA, Cen et al. "
       "2020): each has its own attention pool of the history; training, "

@@ -276,6 +276,48 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     p_1, _ = user_tower(prep, built, interests=1)(batch)
     self.assertEqual(p_1.shape, (6, 8))
 
+  @parameterized.parameters(1, 3)
+  def test_id_residual_adds_the_linear_id_path(self, interests):
+    prep, built = build()
+    sizes = prep.vocab.sizes()
+    config = dataclasses.replace(TOWER, id_residual=True, interests=interests)
+    metadata = towers.ItemFeatureEmbedding(sizes, TOWER.embedding_dim)
+    items = towers.ItemTower(sizes, config, metadata)
+    users = towers.UserTower(sizes, config, built.user_tower.table, metadata)
+    features = {k: tf.gather(v, tf.range(1, 7))
+                for k, v in built.user_tower.table.items()}
+    batch = {"user_id": tf.constant(prep.val.user_id[:6]),
+             "history": tf.constant(prep.val.history[:6])}
+    p_v, _ = items(features)
+    p_u, _ = users(batch)
+    self.assertUnitNorm(p_v)
+    # The MLPs' outputs plus the path, then normalized.
+    residual = items.residual(features["id"])
+    p_v_mlp = items.mlp(tf.concat(
+        [items.item_id(features["id"]),
+         metadata(features["author"], features["categories"],
+                  features["title"]),
+         tf.cast(features["numeric"], tf.float32),
+         items.augmented(features["id"])], axis=-1))
+    self.assertAllClose(p_v, tf.math.l2_normalize(p_v_mlp + residual, -1),
+                        atol=1e-5)
+    # With the MLPs' last layers zeroed, the towers are the path alone:
+    # the book's own row, and the mean of its history books' rows.
+    for tower in (items, users):
+      last = tower.mlp.layers[-1]
+      last.kernel.assign(tf.zeros_like(last.kernel))
+      last.bias.assign(tf.zeros_like(last.bias))
+    p_v, _ = items(features)
+    self.assertAllClose(p_v, tf.math.l2_normalize(residual, -1), atol=1e-6)
+    rows = tf.gather(built.user_tower.table["id"], batch["history"])
+    mean = dense_mean(users.residual(rows), batch["history"])
+    p_u, _ = users(batch)
+    expected = tf.math.l2_normalize(mean, -1)
+    if interests > 1:
+      self.assertEqual(p_u.shape, (6, interests, 8))
+      expected = tf.repeat(expected[:, None], interests, axis=1)
+    self.assertAllClose(p_u, expected, atol=1e-5)
+
   def test_all_empty_item_features(self):
     _, built = build()
     c = shared_prep().feature_config

@@ -6,7 +6,9 @@ z_u = [e(user id) (with --user_id_embedding, off by default) | pooled
 features of the user's history books (their mean, and optionally attention
 pools) | a_u].
 Each tower is a ReLU MLP followed by L2 normalization (DAT, Yu et al. 2021,
-section 3). a_u and a_v are the adaptive-mimic vectors, one per id, with
+section 3). With `id_residual`, a linear id path is added to each MLP's
+output before the normalization: the book's own row of an output-width
+table, and the mean of the history books' rows of a second one. a_u and a_v are the adaptive-mimic vectors, one per id, with
 the towers' output dimension.
 """
 
@@ -117,6 +119,9 @@ class ItemTower(tf.keras.Model):
     self.augmented = (_embedding(sizes["items"] + 1, config.output_dim, "a_v")
                       if config.use_amm else None)
     self.mlp = _mlp(config, "item_mlp", mlp_dtype)
+    self.residual = (_embedding(sizes["items"] + 1, config.output_dim,
+                                "item_residual")
+                     if config.id_residual else None)
 
   def call(self, features, training=False):
     ids = features["id"]
@@ -130,8 +135,11 @@ class ItemTower(tf.keras.Model):
     if self.augmented is not None:
       augmented = self.augmented(ids)
       parts.append(augmented)
-    output = self.mlp(tf.concat(parts, axis=-1), training=training)
-    return tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1), augmented
+    output = tf.cast(self.mlp(tf.concat(parts, axis=-1), training=training),
+                     tf.float32)
+    if self.residual is not None:
+      output += self.residual(ids)
+    return tf.math.l2_normalize(output, axis=-1), augmented
 
 
 class HistoryAttention(tf.keras.layers.Layer):
@@ -319,6 +327,9 @@ class UserTower(tf.keras.Model):
     heads = config.history_attention + self.interest_heads
     self.attention = HistoryAttention(heads) if heads else None
     self.mlp = _mlp(config, "user_mlp", mlp_dtype)
+    self.residual = (_embedding(sizes["items"] + 1, config.output_dim,
+                                "history_residual")
+                     if config.id_residual else None)
 
   def call(self, features, training=False):
     user = own = tf.cast(features["user_id"], tf.int64)
@@ -355,10 +366,13 @@ class UserTower(tf.keras.Model):
       augmented = self.augmented(own)
     shared = tf.concat(parts, axis=-1)
     if not interest:
-      output = self.mlp(shared, training=training)
-      return (tf.math.l2_normalize(tf.cast(output, tf.float32), axis=-1),
-              augmented)
-    output = self._interests(shared, tf.stack(interest, axis=1), training)
+      output = tf.cast(self.mlp(shared, training=training), tf.float32)
+    else:
+      output = self._interests(shared, tf.stack(interest, axis=1), training)
+    if self.residual is not None:
+      linear = pool_history(self.embed_residual, history)[0]
+      # Every interest vector gets the same linear path.
+      output += linear if not interest else linear[:, None]
     return tf.math.l2_normalize(output, axis=-1), augmented
 
   def _interests(self, shared: tf.Tensor, pools: tf.Tensor,
@@ -389,6 +403,10 @@ class UserTower(tf.keras.Model):
   def interest_heads(self) -> int:
     """Attention heads that make the interests (0 for one query vector)."""
     return self.config.interests if self.config.interests > 1 else 0
+
+  def embed_residual(self, items: tf.Tensor) -> tf.Tensor:
+    """[n] corpus item indices -> [n, output_dim] rows of the linear path."""
+    return self.residual(tf.gather(self.table["id"], items))
 
   def embed_books(self, items: tf.Tensor) -> tf.Tensor:
     """[n] corpus item indices -> [n, 4 * embedding_dim] history features."""
