@@ -5,6 +5,7 @@ served run (tests/serving/conftest.py), in this process and in a fresh one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from tt_mimic.config import ExportConfig
 from tt_mimic.config import FeatureConfig
 from tt_mimic.config import LossConfig
 from tt_mimic.data import features
+from tt_mimic.model import towers
 from tt_mimic.serving import export
 from tt_mimic.training import pipeline
 
@@ -115,6 +117,38 @@ class ExportRoundTripTest(tf.test.TestCase, NormMixin):
                         atol=1e-6)
     self.assertAllClose(loaded.serving_default(users)["embedding"],
                         query.serving_default(users)["embedding"], atol=1e-6)
+
+  def test_id_residual_towers_survive_save_and_load(self):
+    prep, built = build()
+    data = prep.data
+    tower = user_tower(prep, built, id_residual=True)
+    query, _, _ = _query_module(prep, tower)
+    items = towers.ItemTower(prep.vocab.sizes(),
+                             dataclasses.replace(TOWER, id_residual=True),
+                             tower.metadata)
+    candidate = export.CandidateModule(prep.preprocessor, items,
+                                       prep.item_table["id"])
+    users = tf.constant([str(u) for u in data.users[:3]] + ["NEW_USER"])
+    asins = data.items["parent_asin"]
+    hist = tf.constant([[asins.iloc[3], asins.iloc[5], ""]] * 4)
+    raw = {k: tf.constant(v) for k, v in features.raw_item_features(
+        data.items.iloc[:5], prep.feature_config).items()}
+    before_h = query.with_history(users, hist)["embedding"]
+    before_c = candidate.serving_default(**raw)["embedding"]
+    directory = self.get_temp_dir()
+    for name, module in (("query_res", query), ("candidate_res", candidate)):
+      export._save(module, os.path.join(directory, name))
+    loaded_q = tf.saved_model.load(os.path.join(directory, "query_res"))
+    loaded_c = tf.saved_model.load(os.path.join(directory, "candidate_res"))
+    self.assertAllClose(loaded_q.with_history(users, hist)["embedding"],
+                        before_h, atol=1e-6)
+    self.assertAllClose(loaded_c.serving_default(**raw)["embedding"],
+                        before_c, atol=1e-6)
+    # The path is part of what was saved: without it the towers differ.
+    tower.residual.embeddings.assign(
+        tf.zeros_like(tower.residual.embeddings))
+    self.assertNotAllClose(query.with_history(users, hist)["embedding"],
+                           before_h, atol=1e-3)
 
   def test_several_interests_serve_each_book_once_at_its_best_score(self):
     # --interests=2: the query is [users, 2, dim]; both indexes rank the
