@@ -183,7 +183,8 @@ class TowerConfig(_Checked):
       False, "Add a linear id path to each tower's output before its "
       "normalization: the candidate's own output-width id embedding, and the "
       "mean of the history books' embeddings in a second table (an "
-      "item-item model like FISM, Kabbur et al. 2013, beside the MLP).")
+      "item-item model like FISM, Kabbur et al. 2013, beside the MLP). "
+      "ID-only towers have no MLP and ignore it.")
   interests: int = setting(
       4, "Query vectors per user (multi-interest, ComiRec-SA, Cen et al. "
       "2020): each has its own attention pool of the history; training, "

@@ -301,22 +301,33 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
          items.augmented(features["id"])], axis=-1))
     self.assertAllClose(p_v, tf.math.l2_normalize(p_v_mlp + residual, -1),
                         atol=1e-5)
-    # With the MLPs' last layers zeroed, the towers are the path alone:
-    # the book's own row, and the mean of its history books' rows.
+    # With the MLPs' last layers a constant b, the towers are b plus the
+    # path: the book's own row, and the mean of its history books' rows.
+    b = tf.linspace(-1.0, 1.0, TOWER.output_dim)
     for tower in (items, users):
       last = tower.mlp.layers[-1]
       last.kernel.assign(tf.zeros_like(last.kernel))
-      last.bias.assign(tf.zeros_like(last.bias))
+      last.bias.assign(b)
     p_v, _ = items(features)
-    self.assertAllClose(p_v, tf.math.l2_normalize(residual, -1), atol=1e-6)
+    self.assertAllClose(p_v, tf.math.l2_normalize(b + residual, -1),
+                        atol=1e-6)
     rows = tf.gather(built.user_tower.table["id"], batch["history"])
     mean = dense_mean(users.residual(rows), batch["history"])
+
+    def per_interest(x):
+      return x if interests == 1 else tf.repeat(x[:, None], interests, 1)
+
     p_u, _ = users(batch)
-    expected = tf.math.l2_normalize(mean, -1)
-    if interests > 1:
-      self.assertEqual(p_u.shape, (6, interests, 8))
-      expected = tf.repeat(expected[:, None], interests, axis=1)
-    self.assertAllClose(p_u, expected, atol=1e-5)
+    self.assertEqual(p_u.shape, (6, 8) if interests == 1 else (6, interests, 8))
+    self.assertAllClose(p_u, per_interest(tf.math.l2_normalize(b + mean, -1)),
+                        atol=1e-5)
+    # The path sees the history after training-time dropout: with the whole
+    # history hidden it adds nothing.
+    users.config = dataclasses.replace(config, history_dropout=1.0)
+    p_u, _ = users(batch, training=True)
+    self.assertAllClose(
+        p_u, per_interest(tf.math.l2_normalize(tf.tile(b[None], [6, 1]), -1)),
+        atol=1e-5)
 
   def test_all_empty_item_features(self):
     _, built = build()

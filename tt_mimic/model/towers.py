@@ -8,8 +8,9 @@ pools) | a_u].
 Each tower is a ReLU MLP followed by L2 normalization (DAT, Yu et al. 2021,
 section 3). With `id_residual`, a linear id path is added to each MLP's
 output before the normalization: the book's own row of an output-width
-table, and the mean of the history books' rows of a second one. a_u and a_v are the adaptive-mimic vectors, one per id, with
-the towers' output dimension.
+table, and the mean of the history books' rows of a second one. a_u and
+a_v are the adaptive-mimic vectors, one per id, with the towers' output
+dimension.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class ItemTower(tf.keras.Model):
         config.output_dim if config.id_only else config.embedding_dim,
         "item_id")
     if config.id_only:
-      self.metadata = self.augmented = self.mlp = None
+      self.metadata = self.augmented = self.mlp = self.residual = None
       return
     self.metadata = metadata
     self.augmented = (_embedding(sizes["items"] + 1, config.output_dim, "a_v")
@@ -311,6 +312,7 @@ class UserTower(tf.keras.Model):
         "user_id") if config.user_id_embedding or config.id_only else None)
     if config.id_only:
       self.history_id = self.metadata = self.augmented = self.mlp = None
+      self.residual = None
       self.attention = None
       return
     if config.share_item_embedding:
