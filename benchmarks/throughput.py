@@ -75,7 +75,7 @@ def _batches(prep, config, steps: int) -> tf.data.Dataset:
   ds = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                               prep.feature_config.history_length,
                               config.train.batch_size, config.train.seed,
-                              prep.feature_config.train_history)
+                              config.train.train_history)
   batches = [b for b in ds.take(steps + 1)]
   full = [b for b in batches if int(b["item"].shape[0])
           == config.train.batch_size][:steps]

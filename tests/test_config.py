@@ -49,11 +49,43 @@ def test_a_setting_added_with_a_new_default_matches_the_old_behaviour():
   assert not config.same_settings(saved, _stamp())
   assert config.same_settings(saved, _stamp(ema_momentum=0.0))
   # Training histories were causal before --train_history existed.
-  assert config.FeatureConfig().train_history == "other"
+  assert config.TrainConfig().train_history == "other"
   saved = _stamp()
-  del saved["features"]["train_history"]
+  del saved["train"]["train_history"]
   assert not config.same_settings(saved, _stamp())
   assert config.same_settings(saved, _stamp(train_history="causal"))
+
+
+def _old_layout(stamp: dict) -> dict:
+  """`stamp` as written before train_history moved from the feature
+  settings to the training ones (2026-12-06)."""
+  stamp = json.loads(json.dumps(stamp))
+  stamp["features"]["train_history"] = stamp["train"].pop("train_history")
+  return stamp
+
+
+def test_a_moved_setting_matches_from_its_old_section():
+  assert "train_history" not in _stamp()["features"]
+  for mode in ("other", "causal"):
+    saved = _old_layout(_stamp(train_history=mode))
+    assert config.same_settings(saved, _stamp(train_history=mode))
+    other = "causal" if mode == "other" else "other"
+    assert not config.same_settings(saved, _stamp(train_history=other))
+  # A stamp of features only (the preprocessing state's) ignores it.
+  saved = _old_layout(_stamp(train_history="causal"))
+  assert config.same_settings({"features": saved["features"]},
+                              {"features": _stamp()["features"]})
+
+
+def test_a_saved_config_of_the_old_layout_loads():
+  run = config.RunConfig(train=config.TrainConfig(train_history="causal"))
+  raw = json.loads(run.to_json())
+  raw["features"]["train_history"] = raw["train"].pop("train_history")
+  assert config.RunConfig.from_json(json.dumps(raw)) == run
+  # Saved before the setting existed: causal, what the code did then.
+  del raw["features"]["train_history"]
+  loaded = config.RunConfig.from_json(json.dumps(raw))
+  assert loaded.train.train_history == "causal"
 
 
 def test_changed_removed_or_unknown_settings_do_not_match():

@@ -127,13 +127,6 @@ class FeatureConfig(_Checked):
   history_length: int = setting(50, "Recent training events per user used "
                                 "as features (0: none, the towers of the DAT "
                                 "paper).", lower=0)
-  train_history: str = setting(
-      "other", "History of a training example: other = the user's latest "
-      "training events but the example's own (the whole history, as at "
-      "serving time; best on the Amazon sets); causal = only the user's "
-      "events strictly before it (best where the order of reading carries "
-      "the signal, such as series: goodbooks400).",
-      choices=("causal", "other"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +219,13 @@ class TrainConfig(_Checked):
                              "or cosine decay to 0 over --epochs.",
                              choices=("constant", "cosine"))
   weight_decay: float = setting(1e-4, "AdamW weight decay.", lower=0.0)
+  train_history: str = setting(
+      "other", "History of a training example: other = the user's latest "
+      "training events but the example's own (the whole history, as at "
+      "serving time; best on the Amazon sets); causal = only the user's "
+      "events strictly before it (best where the order of reading carries "
+      "the signal, such as series: goodbooks400).",
+      choices=("causal", "other"))
   user_weight_power: float = setting(
       0.0, "A training event's weight in the main loss: n^-power for a user "
       "with n training events, scaled to a mean of 1 over the events. 0 = "
@@ -363,7 +363,7 @@ class RunConfig:
     """The inverse of `to_json`; unknown keys are an error. A missing key
     is a setting added after the run was made: it takes what the code did
     then, its `BEFORE_SETTING` value, else the default."""
-    raw = json.loads(text)
+    raw = _moved(json.loads(text))
     unknown = set(raw) - set(SECTIONS)
     if unknown:
       raise ValueError(f"Unknown config sections {sorted(unknown)}.")
@@ -388,6 +388,25 @@ BEFORE_SETTING = {"title_standardize": "ascii", "ema_momentum": 0.0,
                   "train_history": "causal", "interests": 1}
 
 
+# Settings that moved between sections: name -> (old section, new section).
+# Stamps and configs saved before the move hold them in the old one.
+MOVED_SETTINGS = {"train_history": ("features", "train")}
+
+
+def _moved(saved: dict) -> dict:
+  """`saved` (a run config or stamp, as JSON gives it back) with moved
+  settings in their current sections. A stamp without the new section (the
+  preprocessing state's, which holds only features) drops them: they do not
+  shape what it stamps."""
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  for name, (old, new) in MOVED_SETTINGS.items():
+    if isinstance(saved.get(old), dict) and name in saved[old]:
+      value = saved[old].pop(name)
+      if isinstance(saved.get(new), dict):
+        saved[new].setdefault(name, value)
+  return saved
+
+
 def same_settings(saved, current) -> bool:
   """Whether a stamp saved in a run directory matches the current settings.
 
@@ -396,7 +415,7 @@ def same_settings(saved, current) -> bool:
   before the setting existed, matches when its current value is what the
   older code did: the default, or its `BEFORE_SETTING` value.
   """
-  saved, current = _plain(saved), _plain(current)
+  saved, current = _moved(_plain(saved)), _plain(current)
   defaults = _plain({f.name: f.default for cls in SECTIONS.values()
                      for f in dataclasses.fields(cls)
                      if f.default is not dataclasses.MISSING})

@@ -142,20 +142,13 @@ def _preprocessing_state(data: ingest.Ingested, feature_config: FeatureConfig,
   """(vocabularies, preprocessor, item table): the state loaded from
   `state_dir` when it holds it for the same data and features, else built
   (and saved there)."""
-  def state_settings(settings: dict) -> dict:
-    # How training examples pick their histories does not change this state
-    # (older stamps hold the setting too).
-    return {k: v for k, v in settings.items() if k != "train_history"}
-
   stamp = {"ingest": os.path.basename(data.directory or ""),
-           "features": state_settings(dataclasses.asdict(feature_config))}
+           "features": dataclasses.asdict(feature_config)}
   paths = {name: os.path.join(state_dir or "", name) for name in
            ("state.json", "vocabularies.json", "item_table.npz")}
   if state_dir and all(os.path.exists(p) for p in paths.values()):
     with open(paths["state.json"]) as f:
       saved = json.load(f)
-    if "features" in saved:
-      saved["features"] = state_settings(saved["features"])
     if same_settings(saved, stamp):
       vocab = features.load_vocabularies(paths["vocabularies.json"], data)
       with np.load(paths["item_table.npz"]) as arrays:

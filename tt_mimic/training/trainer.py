@@ -287,7 +287,7 @@ def train_variant(name: str, prep: Prepared, tower_config: TowerConfig,
     dataset = data_lib.train_dataset(prep.sequence, prep.user_id_index,
                                      prep.feature_config.history_length,
                                      config.batch_size, config.seed,
-                                     prep.feature_config.train_history,
+                                     config.train_history,
                                      epochs=config.epochs,
                                      first_epoch=first_epoch,
                                      user_weight_power=config.user_weight_power)
