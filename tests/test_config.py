@@ -78,7 +78,9 @@ def test_a_moved_setting_matches_from_its_old_section():
 
 
 def test_a_saved_config_of_the_old_layout_loads():
-  run = config.RunConfig(train=config.TrainConfig(train_history="causal"))
+  # "other" is not the setting's BEFORE_SETTING value, so a loader that
+  # dropped the old section's value instead of moving it would fail here.
+  run = config.RunConfig(train=config.TrainConfig(train_history="other"))
   raw = json.loads(run.to_json())
   raw["features"]["train_history"] = raw["train"].pop("train_history")
   assert config.RunConfig.from_json(json.dumps(raw)) == run
