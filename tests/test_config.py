@@ -81,8 +81,7 @@ def test_a_saved_config_of_the_old_layout_loads():
   # "other" is not the setting's BEFORE_SETTING value, so a loader that
   # dropped the old section's value instead of moving it would fail here.
   run = config.RunConfig(train=config.TrainConfig(train_history="other"))
-  raw = json.loads(run.to_json())
-  raw["features"]["train_history"] = raw["train"].pop("train_history")
+  raw = _old_layout(json.loads(run.to_json()))
   assert config.RunConfig.from_json(json.dumps(raw)) == run
   # Saved before the setting existed: causal, what the code did then.
   del raw["features"]["train_history"]
