@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/throughput.py --flagfile=flags/sample.cfg \
       --model_dir=/tmp/throughput [--batch_size=1024] [--steps=60] \
+      [--optimizers=adam,catchup_adam] \
       [--profile_dir=/tmp/throughput_profile] [--json=/tmp/throughput.json]
 
 In one process and on the same batches (taken once from the run's training
@@ -14,9 +15,9 @@ pipeline), trains for `--steps` steps each:
   dat        AMM and CAL (the exported model)
 
 and prints examples per second after `--warmup` steps, and each variant's
-ratio to `plain`. Each model runs `--rounds` times, interleaved, and the
-best round counts (the machine is shared; the best round is the least
-disturbed). With --profile_dir, a TensorFlow profiler trace of `dat` is
+ratio to `plain`. With --optimizers, each model is timed under each.
+Each model runs `--rounds` times, interleaved, and the best round counts
+(the machine is shared; the best round is the least disturbed). With --profile_dir, a TensorFlow profiler trace of `dat` is
 taken and its op time is summed by op type and by layer.
 """
 
@@ -51,6 +52,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 15, "Untimed steps first.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Interleaved rounds per model.")
 _MODELS = flags.DEFINE_list("models", ["plain", "two_tower", "dat"],
                             "Models to time.")
+_OPTIMIZERS = flags.DEFINE_list(
+    "optimizers", [], "Time each model under each of these --optimizer "
+    "values (a model's name then gets ':optimizer'); default: the run's.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None,
                                    "Write and summarize a profile of dat.")
 _JSON = flags.DEFINE_string("json", None, "Write the figures here.")
@@ -93,7 +97,10 @@ class _Clock(tf.keras.callbacks.Callback):
     self.times.append(time.perf_counter())
 
 
-def _model(name, prep, config):
+def _model(name, prep, config, optimizer=None):
+  if optimizer:
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, optimizer=optimizer))
   if name == "plain":
     model = PlainModel(len(prep.data.users), len(prep.data.items),
                        config.tower.output_dim)
@@ -156,20 +163,24 @@ def main(argv):
         f"{len(data.users)} users; batch {batch}, {_STEPS.value} timed steps "
         f"after {_WARMUP.value}, {os.cpu_count()} CPUs")
   rates = collections.defaultdict(list)
+  runs = [(name, optimizer, f"{name}:{optimizer}" if optimizer else name)
+          for name in _MODELS.value for optimizer in _OPTIMIZERS.value or [None]]
   for round_ in range(_ROUNDS.value):
-    for name in _MODELS.value:
+    for name, optimizer, key in runs:
       tf.keras.utils.set_random_seed(config.train.seed)
-      model = _model(name, prep, config)
+      model = _model(name, prep, config, optimizer)
       rate = _time(model, data_ds, _WARMUP.value, _STEPS.value, batch)
-      rates[name].append(rate)
-      print(f"  round {round_ + 1} {name:<10} {rate:9.0f} examples/s",
+      rates[key].append(rate)
+      print(f"  round {round_ + 1} {key:<22} {rate:9.0f} examples/s",
             flush=True)
-  best = {name: max(values) for name, values in rates.items()}
-  base = best.get("plain")
+  best = {key: max(values) for key, values in rates.items()}
+  # The baseline: plain (under the first optimizer listed).
+  base = next((rate for key, rate in best.items()
+               if key.split(":")[0] == "plain"), None)
   print("\nexamples/s (best round) and ratio to plain:")
-  for name, rate in best.items():
+  for key, rate in best.items():
     ratio = f"{rate / base:.2f}x" if base else "-"
-    print(f"  {name:<10} {rate:9.0f}  {ratio}")
+    print(f"  {key:<22} {rate:9.0f}  {ratio}")
   result = {"examples_per_second": best, "rounds": dict(rates),
             "ratio_to_plain": {n: r / base for n, r in best.items()}
             if base else {}, "batch_size": batch,

@@ -210,9 +210,11 @@ class TrainConfig(_Checked):
   """Optimization, early stopping and evaluation."""
   batch_size: int = setting(256, "Batch size.", lower=2)
   epochs: int = setting(10, "Maximum epochs.", lower=1)
-  optimizer: str = setting("adam", "Optimizer (lazy_adam: Adam that updates "
-                           "only the embedding rows a batch touches).",
-                           choices=("adam", "lazy_adam", "adagrad", "adamw"))
+  optimizer: str = setting(
+      "adam", "Optimizer (lazy_adam: Adam that updates only the embedding "
+      "rows a batch touches; catchup_adam: the same, with the skipped steps "
+      "of dense Adam applied in closed form when a row is next touched).",
+      choices=("adam", "lazy_adam", "catchup_adam", "adagrad", "adamw"))
   learning_rate: float = setting(1e-3, "Learning rate (the peak, with a "
                                  "schedule).", lower=0.0)
   lr_schedule: str = setting("constant", "Learning-rate schedule: constant, "

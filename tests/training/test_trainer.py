@@ -511,28 +511,6 @@ if __name__ == "__main__":
   tf.test.main()
 
 
-class LazyAdamTest(tf.test.TestCase):
-
-  def test_sparse_updates_touch_only_the_batch_rows(self):
-    table = tf.Variable(tf.ones([5, 3]))
-    dense = tf.Variable(tf.ones([3]))
-    lazy = trainer.LazyAdam(0.1)
-    plain = tf.keras.optimizers.Adam(0.1)
-    table2, dense2 = tf.Variable(tf.ones([5, 3])), tf.Variable(tf.ones([3]))
-    for rows in ([0, 2], [2, 2]):  # the second batch repeats a row
-      grads = tf.IndexedSlices(tf.ones([2, 3]), tf.constant(rows),
-                               tf.constant([5, 3]))
-      lazy.apply_gradients([(grads, table), (tf.ones([3]), dense)])
-      plain.apply_gradients([(grads, table2), (tf.ones([3]), dense2)])
-    # Rows never in a batch keep their weights.
-    self.assertAllEqual(table.numpy()[[1, 3, 4]], np.ones([3, 3]))
-    # Dense variables get plain Adam.
-    self.assertAllClose(dense, dense2)
-    # Row 0, touched once at step 1, moved by exactly one Adam step: lr.
-    self.assertAllClose(table.numpy()[0], np.full(3, 0.9), atol=1e-4)
-    self.assertTrue(np.all(table.numpy()[2] < table.numpy()[0]))
-
-
 class MixedPrecisionTest(tf.test.TestCase):
   """--precision: the MLPs compute in 16 bits; variables, tower outputs and
   losses stay float32, and the weights load into a float32 build."""

@@ -27,44 +27,10 @@ from tt_mimic.config import TrainConfig
 from tt_mimic.config import same_settings
 from tt_mimic.data import pipeline as data_lib
 from tt_mimic.training import evaluation
+from tt_mimic.training import optimizers
 from tt_mimic.training import pipeline
 from tt_mimic.training.pipeline import Built
 from tt_mimic.training.pipeline import Prepared
-
-
-class LazyAdam(tf.keras.optimizers.Adam):
-  """Adam whose sparse (embedding) updates touch only the batch's rows.
-
-  Keras' Adam decays the moments of every row of an embedding table at
-  every step, even for a sparse gradient: three passes over each table and
-  its two slots per step, which dominates at millions of users and books.
-  Here the rows a batch touches get the Adam update (Kingma & Ba, ICLR
-  2015) with their moments decayed once per touch; other rows keep their
-  moments and weights. Dense gradients get the plain Adam update. (The
-  "lazy" Adam of sparse recommenders; the same rule as TensorFlow Addons'
-  LazyAdam, written here on tf-keras' optimizer API.)
-  """
-
-  def update_step(self, gradient, variable):
-    if not isinstance(gradient, tf.IndexedSlices):
-      return super().update_step(gradient, variable)
-    # The base optimizer has summed duplicate indices already.
-    dtype = variable.dtype
-    step = tf.cast(self.iterations + 1, dtype)
-    beta_1 = tf.cast(self.beta_1, dtype)
-    beta_2 = tf.cast(self.beta_2, dtype)
-    lr = tf.cast(self.learning_rate, dtype)
-    alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
-    key = self._var_key(variable)
-    m = self._momentums[self._index_dict[key]]
-    v = self._velocities[self._index_dict[key]]
-    rows, values = gradient.indices, gradient.values
-    m_rows = beta_1 * tf.gather(m, rows) + (1 - beta_1) * values
-    v_rows = beta_2 * tf.gather(v, rows) + (1 - beta_2) * tf.square(values)
-    m.scatter_update(tf.IndexedSlices(m_rows, rows))
-    v.scatter_update(tf.IndexedSlices(v_rows, rows))
-    variable.scatter_sub(tf.IndexedSlices(
-        alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))
 
 
 def make_optimizer(config: TrainConfig,
@@ -85,7 +51,8 @@ def make_optimizer(config: TrainConfig,
          "ema_momentum": config.ema_momentum}
   optimizer = {
       "adam": lambda: tf.keras.optimizers.Adam(lr, **ema),
-      "lazy_adam": lambda: LazyAdam(lr, **ema),
+      "lazy_adam": lambda: optimizers.LazyAdam(lr, **ema),
+      "catchup_adam": lambda: optimizers.CatchUpAdam(lr, **ema),
       "adagrad": lambda: tf.keras.optimizers.Adagrad(lr, **ema),
       "adamw": lambda: tf.keras.optimizers.AdamW(
           lr, weight_decay=config.weight_decay, **ema),
@@ -101,7 +68,9 @@ def make_optimizer(config: TrainConfig,
 def averaged_weights(model: tf.keras.Model):
   """Within the block the model holds its optimizer's moving average of the
   trainable weights (`--ema_momentum`); the trained weights come back after
-  it. Nothing changes without weight averaging."""
+  it. Without weight averaging the block holds the trained weights (with
+  `--optimizer=catchup_adam`, brought up to the current step)."""
+  catch_up(model)
   if not _averaging(model):
     yield
     return
@@ -114,6 +83,14 @@ def averaged_weights(model: tf.keras.Model):
   finally:
     for variable, value in zip(model.trainable_variables, trained):
       variable.assign(value)
+
+
+def catch_up(model: tf.keras.Model) -> None:
+  """Brings a CatchUpAdam's pending row updates into `model`'s weights (and
+  their average), so they can be read; nothing for other optimizers."""
+  optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+  if isinstance(optimizer, optimizers.CatchUpAdam):
+    optimizer.catch_up(model.trainable_variables)
 
 
 def _averaging(model: tf.keras.Model):
@@ -129,6 +106,7 @@ def _averaging(model: tf.keras.Model):
 
 def write_average(model: tf.keras.Model) -> None:
   """Writes the weight average into `model` (as `fit` does when it ends)."""
+  catch_up(model)
   optimizer = _averaging(model)
   if optimizer is not None:
     optimizer.finalize_variable_values(model.trainable_variables)
