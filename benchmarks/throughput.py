@@ -17,8 +17,9 @@ pipeline), trains for `--steps` steps each:
 and prints examples per second after `--warmup` steps, and each variant's
 ratio to `plain`. With --optimizers, each model is timed under each.
 Each model runs `--rounds` times, interleaved, and the best round counts
-(the machine is shared; the best round is the least disturbed). With --profile_dir, a TensorFlow profiler trace of `dat` is
-taken and its op time is summed by op type and by layer.
+(the machine is shared; the best round is the least disturbed). With
+--profile_dir, a TensorFlow profiler trace of `dat` is taken and its op
+time is summed by op type and by layer.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def main(argv):
         f"after {_WARMUP.value}, {os.cpu_count()} CPUs")
   rates = collections.defaultdict(list)
   runs = [(name, optimizer, f"{name}:{optimizer}" if optimizer else name)
-          for name in _MODELS.value for optimizer in _OPTIMIZERS.value or [None]]
+          for name in _MODELS.value
+          for optimizer in _OPTIMIZERS.value or [None]]
   for round_ in range(_ROUNDS.value):
     for name, optimizer, key in runs:
       tf.keras.utils.set_random_seed(config.train.seed)

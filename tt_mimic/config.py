@@ -266,6 +266,14 @@ class TrainConfig(_Checked):
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)
 
+  def check(self) -> None:
+    if self.optimizer == "catchup_adam" and self.precision == "mixed_float16":
+      # The loss scaler skips steps with non-finite gradients but counts
+      # them; the catch-up would take them for zero-gradient steps.
+      raise ValueError("--optimizer=catchup_adam does not support "
+                       "--precision=mixed_float16 (mixed_bfloat16 needs no "
+                       "loss scaling).")
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig(_Checked):

@@ -74,21 +74,32 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
 
   (the last term is sum_i r^i mu^(k+1-i); k r^(k+1) at mu = r).
 
-  Approximations: dense Adam's alpha (bias-corrected learning rate) varies
-  over the k steps; one alpha stands for them, at step s + (the mean of i
-  under the weights r^i), so the error is second order in alpha's change
-  (at most ~1e-4 of the tail after Adam's first steps; tests/training/
-  test_optimizers.py); the learning rate is the current one, and the eps
-  term that of step s (exact when eps << sqrt(v)). A batch's forward pass
-  sees its rows before their pending steps, which the update then
-  applies. Dense gradients (and tables other than rank 2) get Keras' Adam
-  unchanged.
+  Approximations, given the same gradients: dense Adam's alpha (the
+  bias-corrected learning rate, and a schedule's rate) varies over the k
+  steps; one alpha stands for them, taken at step s + (the mean of i under
+  the weights r^i). For the weights the error is second order in alpha's
+  change: about 1e-3 of the tail for a row last updated at step 100,
+  1.4e-4 at step 300, less after; the average's weights have another mean,
+  so its error is first order (about 2e-3 at step 100, 1.5e-4 at step
+  1000). The eps term is that of step s (exact when eps << sqrt(v)).
+  Beyond the path: a batch's forward pass sees its rows before their
+  pending steps, which the update then applies, so gradients come from
+  slightly older rows than under dense Adam. Dense gradients (and tables
+  other than rank 2) get Keras' Adam unchanged.
   """
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    if self.amsgrad:
-      raise ValueError("CatchUpAdam has no amsgrad variant.")
+    unsupported = {"amsgrad": self.amsgrad,
+                   "adaptive_epsilon": getattr(self, "adaptive_epsilon", False),
+                   "weight_decay": self.weight_decay,
+                   "ema_overwrite_frequency": self.ema_overwrite_frequency}
+    for name, value in unsupported.items():
+      if value:
+        raise ValueError(f"CatchUpAdam does not support {name}.")
+    if not float(self.beta_1) ** 2 < float(self.beta_2):
+      raise ValueError("CatchUpAdam needs beta_1^2 < beta_2 (the tail of "
+                       "zero-gradient steps must shrink).")
 
   def build(self, var_list):
     if getattr(self, "_built", False):
@@ -96,8 +107,10 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
     super().build(var_list)
     # Per table row: the step its state was last brought up to (0 = never
     # touched, so its moments are 0 and it has nothing to catch up).
-    # float32, as the table: exact up to 2^24 steps.
-    self._last_steps = {}
+    # float32, as the table: exact up to 2^24 steps (checked).
+    # Checkpointed through the optimizer's variable list; the dict itself
+    # (keyed by per-process variable ids) is not tracked.
+    self._last_steps = self._no_dependency({})
     for var in var_list:
       if var.shape.rank == 2:
         self._last_steps[self._var_key(var)] = (
@@ -107,8 +120,14 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
     self._sparse_keys = set()
 
   def _alpha(self, step, dtype):
-    """Adam's step size at `step` (1-based): bias-corrected learning rate."""
-    lr = tf.cast(self.learning_rate, dtype)
+    """Adam's step size at local step `step` (1-based; any shape): the
+    learning rate (a schedule's at `step` - 1, as Keras evaluates it),
+    bias-corrected."""
+    if isinstance(self._learning_rate,
+                  tf.keras.optimizers.schedules.LearningRateSchedule):
+      lr = tf.cast(self._learning_rate(step - 1), dtype)
+    else:
+      lr = tf.cast(self.learning_rate, dtype)
     return (lr * tf.sqrt(1 - tf.pow(tf.cast(self.beta_2, dtype), step))
             / (1 - tf.pow(tf.cast(self.beta_1, dtype), step)))
 
@@ -122,24 +141,28 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
       k: [rows, 1] float, >= 0: the steps to apply.
     """
     dtype = m.dtype
-    r_value = float(self.beta_1) / math.sqrt(float(self.beta_2))
-    r = tf.cast(r_value, dtype)
-    r_k = tf.pow(r, k)
+    # The per-row factors in float64 ([rows, 1]: cheap), so mu near r and
+    # long gaps keep their precision.
+    k64 = tf.cast(k, tf.float64)
+    r = float(self.beta_1) / math.sqrt(float(self.beta_2))
+    r_k = tf.pow(tf.constant(r, tf.float64), k64)
     tail = r * (1 - r_k) / (1 - r)  # sum_{i=1..k} r^i
     # The mean of i under the weights r^i, i = 1..k (1 where k < 1).
-    mean_i = tf.where(k >= 1, 1 / (1 - r) - k * r_k / tf.maximum(1 - r_k, 1e-6),
-                      1.)
-    q = (self._alpha(last + mean_i, dtype) * m
-         / (tf.sqrt(v) + self.epsilon))
-    new_w = w - q * tail
+    mean_i = tf.where(
+        k64 >= 1, 1 / (1 - r) - k64 * r_k / tf.maximum(1 - r_k, 1e-12), 1.)
+    alpha = self._alpha(last + tf.cast(mean_i, dtype), dtype)
+    q = alpha * m / (tf.sqrt(v) + self.epsilon)
+    new_w = w - q * tf.cast(tail, dtype)
     if average is not None:
-      mu = tf.cast(self.ema_momentum, dtype)
-      mu_k = tf.pow(mu, k)
-      if abs(self.ema_momentum - r_value) > 1e-6:
+      mu = float(self.ema_momentum)
+      mu_k = tf.pow(tf.constant(mu, tf.float64), k64)
+      if abs(mu - r) > 1e-9:
         late = mu * r * (mu_k - r_k) / (mu - r)
       else:
-        late = k * r_k * r
-      average = mu_k * average + (1 - mu_k) * w - q * (tail - late)
+        late = k64 * r_k * r
+      mu_k32 = tf.cast(mu_k, dtype)
+      average = (mu_k32 * average + (1 - mu_k32) * w
+                 - q * tf.cast(tail - late, dtype))
     beta_1 = tf.cast(self.beta_1, dtype)
     beta_2 = tf.cast(self.beta_2, dtype)
     return tf.pow(beta_1, k) * m, tf.pow(beta_2, k) * v, new_w, average
@@ -163,6 +186,8 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
     alpha = self._alpha(step, dtype)
     m, v, average = self._slots(variable)
     last = self._last_steps[key]
+    tf.debugging.assert_less(step, tf.cast(2 ** 24, dtype), message=(
+        "CatchUpAdam's step counters are exact up to 2^24 steps."))
     last_r = tf.gather(last, rows)[:, None]
     m_r, v_r, w_r, a_r = self._advance(
         tf.gather(m, rows), tf.gather(v, rows), tf.gather(variable, rows),
@@ -191,19 +216,28 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
 
   def catch_up(self, var_list):
     """Brings every row of `var_list`'s tables up to the current step (a
-    dense pass over each table, for reading the weights)."""
+    dense pass over each table with pending rows, for reading the weights).
+
+    Rows never touched keep their average, which equals their weights
+    unless the weights were set after the optimizer was built."""
     if not getattr(self, "_built", False):
       return
     steps = int(tf.keras.backend.get_value(self.iterations))
     if steps == 0:
       return
+    if steps >= 2 ** 24:
+      raise ValueError("CatchUpAdam's step counters are exact up to 2^24 "
+                       "steps.")
     for variable in var_list:
       last = self._last_steps.get(self._var_key(variable))
       if last is None:
         continue
       dtype = variable.dtype
       step = tf.cast(steps, dtype)
-      touched = last > 0  # rows never touched have nothing to catch up
+      # Tables that only get dense gradients have no touched row.
+      touched = last > 0
+      if not bool(tf.reduce_any(touched & (last < step))):
+        continue
       k = tf.where(touched, step - last, tf.zeros_like(last))[:, None]
       m, v, average = self._slots(variable)
       m_new, v_new, w_new, a_new = self._advance(
