@@ -177,8 +177,7 @@ def main(argv):
             flush=True)
   best = {key: max(values) for key, values in rates.items()}
   # The baseline: plain (under the first optimizer listed).
-  base = next((rate for key, rate in best.items()
-               if key.split(":")[0] == "plain"), None)
+  base = next((best[key] for name, _, key in runs if name == "plain"), None)
   print("\nexamples/s (best round) and ratio to plain:")
   for key, rate in best.items():
     ratio = f"{rate / base:.2f}x" if base else "-"

@@ -17,13 +17,8 @@ from tt_mimic.config import TrainConfig
 from tt_mimic.training import optimizers
 from tt_mimic.training import trainer
 
+from test_trainer import _average
 from test_trainer import tiny_prep
-
-
-def _average(optimizer, variable):
-  """The optimizer's moving average of `variable` (Keras keeps it private)."""
-  return optimizer._model_variables_moving_average[
-      optimizer._index_dict[optimizer._var_key(variable)]]
 
 
 def _sparse(rows, values, shape):

@@ -18,6 +18,19 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 
+def _step_size(optimizer, step, dtype):
+  """Adam's alpha at local step `step` (1-based; any shape): the learning
+  rate (a schedule's at `step` - 1, as Keras evaluates it), bias-corrected
+  (Kingma & Ba, ICLR 2015)."""
+  rate = optimizer._learning_rate  # pylint: disable=protected-access
+  if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+    lr = tf.cast(rate(step - 1), dtype)
+  else:
+    lr = tf.cast(optimizer.learning_rate, dtype)
+  return (lr * tf.sqrt(1 - tf.pow(tf.cast(optimizer.beta_2, dtype), step))
+          / (1 - tf.pow(tf.cast(optimizer.beta_1, dtype), step)))
+
+
 class LazyAdam(tf.keras.optimizers.Adam):
   """Adam whose sparse (embedding) updates touch only the batch's rows.
 
@@ -33,11 +46,9 @@ class LazyAdam(tf.keras.optimizers.Adam):
       return super().update_step(gradient, variable)
     # The base optimizer has summed duplicate indices already.
     dtype = variable.dtype
-    step = tf.cast(self.iterations + 1, dtype)
     beta_1 = tf.cast(self.beta_1, dtype)
     beta_2 = tf.cast(self.beta_2, dtype)
-    lr = tf.cast(self.learning_rate, dtype)
-    alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+    alpha = _step_size(self, tf.cast(self.iterations + 1, dtype), dtype)
     key = self._var_key(variable)
     m = self._momentums[self._index_dict[key]]
     v = self._velocities[self._index_dict[key]]
@@ -119,18 +130,6 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
     # Tables updated row-wise in the traced step (their average too).
     self._sparse_keys = set()
 
-  def _alpha(self, step, dtype):
-    """Adam's step size at local step `step` (1-based; any shape): the
-    learning rate (a schedule's at `step` - 1, as Keras evaluates it),
-    bias-corrected."""
-    if isinstance(self._learning_rate,
-                  tf.keras.optimizers.schedules.LearningRateSchedule):
-      lr = tf.cast(self._learning_rate(step - 1), dtype)
-    else:
-      lr = tf.cast(self.learning_rate, dtype)
-    return (lr * tf.sqrt(1 - tf.pow(tf.cast(self.beta_2, dtype), step))
-            / (1 - tf.pow(tf.cast(self.beta_1, dtype), step)))
-
   def _advance(self, m, v, w, average, last, k):
     """The state after k zero-gradient steps from step `last`.
 
@@ -150,7 +149,7 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
     # The mean of i under the weights r^i, i = 1..k (1 where k < 1).
     mean_i = tf.where(
         k64 >= 1, 1 / (1 - r) - k64 * r_k / tf.maximum(1 - r_k, 1e-12), 1.)
-    alpha = self._alpha(last + tf.cast(mean_i, dtype), dtype)
+    alpha = _step_size(self, last + tf.cast(mean_i, dtype), dtype)
     q = alpha * m / (tf.sqrt(v) + self.epsilon)
     new_w = w - q * tf.cast(tail, dtype)
     if average is not None:
@@ -183,7 +182,7 @@ class CatchUpAdam(tf.keras.optimizers.Adam):
     rows, values = gradient.indices, gradient.values
     dtype = variable.dtype
     step = tf.cast(self.iterations + 1, dtype)
-    alpha = self._alpha(step, dtype)
+    alpha = _step_size(self, step, dtype)
     m, v, average = self._slots(variable)
     last = self._last_steps[key]
     tf.debugging.assert_less(step, tf.cast(2 ** 24, dtype), message=(

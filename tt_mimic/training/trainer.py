@@ -105,11 +105,14 @@ def _averaging(model: tf.keras.Model):
 
 
 def write_average(model: tf.keras.Model) -> None:
-  """Writes the weight average into `model` (as `fit` does when it ends)."""
-  catch_up(model)
+  """Writes the weight average into `model` (as `fit` does when it ends);
+  without one, a CatchUpAdam's pending rows are still brought in."""
   optimizer = _averaging(model)
   if optimizer is not None:
+    # (CatchUpAdam's finalize_variable_values catches up first.)
     optimizer.finalize_variable_values(model.trainable_variables)
+  else:
+    catch_up(model)
 
 
 _STRATEGIES = {}
