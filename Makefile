@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TT := $(VENV)/bin/tt-mimic
 STAMP := $(VENV)/.installed
 FLAGFILE ?= flags/sample.cfg
-MODEL_DIR ?= saved_models/sample
+# The run directory follows the flagfile (flags/full.cfg -> saved_models/full):
+# a --model_dir after --flagfile overrides the flagfile's own.
+MODEL_DIR ?= saved_models/$(basename $(notdir $(FLAGFILE)))
 USER_ID ?=
 # `make recommend USER=<id>`; USER from the environment (the login) is ignored.
 RECOMMEND_USER := $(if $(filter command line,$(origin USER)),$(USER),$(USER_ID))

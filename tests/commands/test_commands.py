@@ -219,6 +219,40 @@ def test_ingest_command_runs_with_the_sample_flagfile(tmp_path, tiny_dataset):
   assert (tmp_path / "run" / "ingest_report.json").exists()
 
 
+@pytest.mark.parametrize("flagfile", FLAGFILES, ids=os.path.basename)
+def test_make_puts_a_run_where_its_flagfile_says(flagfile):
+  # `make ingest FLAGFILE=flags/full.cfg` without MODEL_DIR once ingested
+  # into saved_models/sample: make's --model_dir came after the flagfile's.
+  if subprocess.run(["make", "--version"], capture_output=True).returncode:
+    pytest.skip("no make")
+  name = os.path.basename(flagfile)
+  commands = subprocess.run(
+      ["make", "-n", "--no-print-directory", "train", "ingest",
+       f"FLAGFILE=flags/{name}"],
+      cwd=REPO, capture_output=True, text=True, check=True).stdout
+  with open(flagfile) as f:
+    own = [line.strip() for line in f if line.startswith("--model_dir=")]
+  expected = own[-1] if own else f"--model_dir=saved_models/{name[:-4]}"
+  runs = [line for line in commands.splitlines() if "tt-mimic " in line]
+  assert len(runs) == 2, commands
+  assert all(line.split().count(expected) == 1 for line in runs), runs
+
+
+@pytest.mark.parametrize("command", ["recommend", "serve", "catalog"])
+def test_commands_on_an_export_name_the_run_flags_they_ignore(tmp_path,
+                                                              command):
+  result = _tt_mimic(command, "--flagfile=flags/sample.cfg",
+                     f"--model_dir={tmp_path / 'none'}")
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "does not exist" in result.stderr
+  line = next(line for line in result.stderr.splitlines()
+              if "The run's export decides; ignoring" in line)
+  ignored = line.split("ignoring ", 1)[1].rstrip(".").split(", ")
+  assert "--output_dim" in ignored and "--users_csv" in ignored
+  # catalog reads the new books from --books_csv.
+  assert ("--books_csv" in ignored) == (command != "catalog")
+
+
 def test_a_bad_flag_value_is_one_clear_line():
   result = _tt_mimic("ingest", "--history_length=3", "--recent_length=3")
   assert result.returncode == 1

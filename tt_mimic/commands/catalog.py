@@ -28,6 +28,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flags.FLAGS["books_csv"].using_default_value:
     raise app.UsageError("Give the new books with --books_csv=<file>.")
+  common.note_ignored(keep=("books_csv",), decides="The run's export")
   model_dir = common.MODEL_DIR.value
   try:
     # The run's lock too: an export (or a training) rewrites the export

@@ -135,12 +135,11 @@ def given(names) -> list[str]:
   return [name for name in names if not FLAGS[name].using_default_value]
 
 
-def note_ignored(keep=()) -> None:
+def note_ignored(keep=(), decides: str = "The run's config.json") -> None:
   """Logs the run flags that a command on an existing run does not use."""
   ignored = [n for n in given(RUN_FLAGS) if n not in keep]
   if ignored:
-    logging.info("The run's config.json decides; ignoring --%s.",
-                 ", --".join(ignored))
+    logging.info("%s decides; ignoring --%s.", decides, ", --".join(ignored))
 
 
 def write_flags(model_dir: str, *modules) -> None:

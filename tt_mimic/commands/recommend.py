@@ -71,6 +71,7 @@ def _write_batch(recommender, serve) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  common.note_ignored(decides="The run's export")
   serve = common.serve_config()
   if _ALL_USERS.value and _USERS_FILE.value:
     print("error: give --all_users or --users_file, not both.",

@@ -20,6 +20,7 @@ from tt_mimic.serving import server as server_lib
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  common.note_ignored(decides="The run's export")
   try:
     server = server_lib.make_server(common.MODEL_DIR.value,
                                     common.serve_config())
