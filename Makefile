@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 TT := $(VENV)/bin/tt-mimic
 STAMP := $(VENV)/.installed
 FLAGFILE ?= flags/sample.cfg
-# The run directory follows the flagfile (flags/full.cfg -> saved_models/full):
-# a --model_dir after --flagfile overrides the flagfile's own.
-MODEL_DIR ?= saved_models/$(basename $(notdir $(FLAGFILE)))
+# The run directory: the one FLAGFILE names (flags/full.cfg: saved_models/full),
+# so `make recommend FLAGFILE=flags/full.cfg` finds what `make train
+# FLAGFILE=flags/full.cfg` made. Expanded when a recipe runs (the venv exists).
+MODEL_DIR ?= $(or $(shell $(PY) -m tt_mimic.commands.run_dir '$(FLAGFILE)'),$(error FLAGFILE=$(FLAGFILE): no run directory))
 USER_ID ?=
 # `make recommend USER=<id>`; USER from the environment (the login) is ignored.
 RECOMMEND_USER := $(if $(filter command line,$(origin USER)),$(USER),$(USER_ID))

@@ -16,6 +16,7 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 from tt_mimic import config as config_lib
 from tt_mimic.commands import common
 from tt_mimic.commands import main as main_lib
+from tt_mimic.commands import run_dir
 
 import tiny_data
 
@@ -219,23 +220,49 @@ def test_ingest_command_runs_with_the_sample_flagfile(tmp_path, tiny_dataset):
   assert (tmp_path / "run" / "ingest_report.json").exists()
 
 
-@pytest.mark.parametrize("flagfile", FLAGFILES, ids=os.path.basename)
-def test_make_puts_a_run_where_its_flagfile_says(flagfile):
-  # `make ingest FLAGFILE=flags/full.cfg` without MODEL_DIR once ingested
-  # into saved_models/sample: make's --model_dir came after the flagfile's.
+_MAKE_RUN_TARGETS = ("train", "ingest", "export", "evaluate", "recommend",
+                     "serve", "catalog")
+
+
+@pytest.mark.parametrize("flagfile,expected", [
+    ("flags/sample.cfg", "saved_models/sample"),
+    ("flags/full.cfg", "saved_models/full"),
+    ("flags/base.cfg", "saved_models/run"),  # names none: the flag's default
+    ("nested.cfg", "saved_models/full"),
+    ("overriding.cfg", "/tmp/elsewhere"),
+])
+def test_make_uses_the_run_directory_its_flagfile_names(tmp_path, flagfile,
+                                                        expected):
+  # `make ingest FLAGFILE=flags/full.cfg` once ingested into
+  # saved_models/sample (make's --model_dir came after the flagfile's), and
+  # `make recommend` after it read the sample's run.
   if subprocess.run(["make", "--version"], capture_output=True).returncode:
     pytest.skip("no make")
-  name = os.path.basename(flagfile)
+  (tmp_path / "nested.cfg").write_text(
+      f"# a user's flagfile on top of full.cfg\n"
+      f"--flagfile={REPO}/flags/full.cfg\n--epochs=3\n")
+  (tmp_path / "overriding.cfg").write_text(
+      f"--flagfile={REPO}/flags/full.cfg\n--model_dir=/tmp/elsewhere\n")
+  path = flagfile if flagfile.startswith("flags/") else tmp_path / flagfile
   commands = subprocess.run(
-      ["make", "-n", "--no-print-directory", "train", "ingest",
-       f"FLAGFILE=flags/{name}"],
+      ["make", "-n", "--no-print-directory", *_MAKE_RUN_TARGETS,
+       f"FLAGFILE={path}", "USER=u", f"PY={sys.executable}"],
       cwd=REPO, capture_output=True, text=True, check=True).stdout
-  with open(flagfile) as f:
-    own = [line.strip() for line in f if line.startswith("--model_dir=")]
-  expected = own[-1] if own else f"--model_dir=saved_models/{name[:-4]}"
   runs = [line for line in commands.splitlines() if "tt-mimic " in line]
-  assert len(runs) == 2, commands
-  assert all(line.split().count(expected) == 1 for line in runs), runs
+  assert len(runs) == len(_MAKE_RUN_TARGETS), commands
+  assert all(line.split().count(f"--model_dir={expected}") == 1
+             for line in runs), runs
+  given = subprocess.run(
+      ["make", "-n", "--no-print-directory", "recommend", f"FLAGFILE={path}",
+       "MODEL_DIR=/tmp/given", "USER=u", f"PY={sys.executable}"],
+      cwd=REPO, capture_output=True, text=True, check=True).stdout
+  assert "--model_dir=/tmp/given " in given
+
+
+def test_run_dir_of_a_missing_flagfile_is_one_error_line(tmp_path, capsys):
+  assert run_dir.main(["run_dir", str(tmp_path / "missing.cfg")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "missing.cfg" in err
 
 
 @pytest.mark.parametrize("command", ["recommend", "serve", "catalog"])
