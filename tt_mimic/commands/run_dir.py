@@ -20,7 +20,11 @@ _PREFIX = "--model_dir="
 
 
 def model_dir(flagfile: str) -> str:
-  """The run directory `flagfile` names (raises OSError if it cannot be read)."""
+  """The run directory `flagfile` names.
+
+  Raises:
+    flags.Error: a flagfile cannot be read (absl's CantOpenFlagFileError).
+  """
   args = flags.FLAGS.read_flags_from_files([f"--flagfile={flagfile}"],
                                           force_gnu=False)
   given = [a[len(_PREFIX):] for a in args if a.startswith(_PREFIX)]
@@ -33,7 +37,7 @@ def main(argv: list[str]) -> int:
     return 2
   try:
     print(model_dir(argv[1]))
-  except (OSError, flags.Error) as e:
+  except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
