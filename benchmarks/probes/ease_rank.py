@@ -7,16 +7,16 @@ scored on validation Recall@20 / NDCG@20 on the split of a trained run
   Eckart-Young). The scores are then the dot product of a k-wide user
   vector (the sum of the user's books' rows of U_k S_k) with a k-wide book
   vector (V_k's row): a linear two-tower model of width k.
-- "scores in k dims": every user's EASE scores projected onto the k book
-  directions that keep the most of the training users' score matrix X B
-  (its top k right singular vectors V_k: x_u B V_k V_k^T). Any two-tower
-  model with k-wide book vectors scores every user inside the span of
-  those vectors, whatever its user tower, so this is how well a k-wide
-  book table can hold EASE's scores (in the least-squares sense, not the
-  ranking one).
+- "scores in k dims": every user's EASE scores projected onto the top k
+  right singular vectors V_k of the training users' score matrix X B
+  (x_u B V_k V_k^T). A model that scores a user with one k-wide dot
+  product has a score matrix of rank at most k, and X B V_k V_k^T is the
+  rank-k matrix nearest EASE's in least squares (Eckart-Young; the seen,
+  masked entries count there, not in ranking). Models with several
+  vectors per user and a max over them are not bound to rank k.
 The SVDs are randomized (Halko, Martinsson & Tropp, SIAM Review 2011: a
-Gaussian sketch of k + 64 columns, four power iterations). Needs the
-`bench` extra (SciPy).
+Gaussian sketch of k + 64 columns, four power iterations). SciPy (the
+`bench` extra) lowers EASE's peak memory (peers.py).
 
     .venv/bin/python benchmarks/probes/ease_rank.py <model_dir> <lambda> \
         128,512 [b,scores]
