@@ -54,27 +54,30 @@ def report(name: str, weights: np.ndarray, prep) -> None:
 
 
 def main():
-  _, prep = pipeline.open_run(sys.argv[1])
   lam = float(sys.argv[2])
   ranks = [int(x) for x in sys.argv[3].split(",")]
   kinds = sys.argv[4].split(",") if len(sys.argv) > 4 else ["b", "scores"]
+  unknown = set(kinds) - {"b", "scores"}
+  if unknown:
+    sys.exit(f"ease_rank: unknown kinds {sorted(unknown)}; use b, scores.")
+  _, prep = pipeline.open_run(sys.argv[1])
   users, items = peers.train_pairs(prep.data.events)
   b = peers.ease_fit(users, items, len(prep.data.items), lam)
   report(f"EASE lambda={lam:g}, full rank", b, prep)
   rng = np.random.default_rng(0)
-  for k in ranks if "b" in kinds else []:
-    left, right = top_singular(b, k, rng)
-    report(f"B rank {k}", left @ right.T, prep)
-  if "scores" not in kinds:
-    return
-  # The training users' score matrix X B, one row per user.
-  x = np.zeros((len(prep.data.users), len(prep.data.items)), np.float32)
-  x[users, items] = 1.0
-  scores = x @ b
-  del x
-  for k in ranks:
-    _, right = top_singular(scores, k, rng)
-    report(f"scores in {k} dims", (b @ right) @ right.T, prep)
+  if "b" in kinds:
+    for k in ranks:
+      left, right = top_singular(b, k, rng)
+      report(f"B rank {k}", left @ right.T, prep)
+  if "scores" in kinds:
+    # The training users' score matrix X B, one row per user.
+    x = np.zeros((len(prep.data.users), len(prep.data.items)), np.float32)
+    x[users, items] = 1.0
+    scores = x @ b
+    del x
+    for k in ranks:
+      _, right = top_singular(scores, k, rng)
+      report(f"scores in {k} dims", (b @ right) @ right.T, prep)
 
 
 if __name__ == "__main__":
