@@ -114,7 +114,7 @@ class IngestConfig(_Checked):
 class FeatureConfig(_Checked):
   """Vocabulary caps and sequence lengths."""
   category_top_k: int = setting(300, "Category vocabulary size.", lower=1)
-  author_top_k: int = setting(300, "Author vocabulary size.", lower=1)
+  author_top_k: int = setting(5000, "Author vocabulary size.", lower=1)
   title_max_tokens: int = setting(20000, "Title vocabulary size.", lower=2)
   title_length: int = setting(12, "Title tokens per book.", lower=1)
   title_standardize: str = setting(
