@@ -44,11 +44,12 @@ def shared_prep() -> pipeline.Prepared:
 
 
 def build(use_amm=True, loss="softmax", use_cal=True, interests=1,
-          **loss_kwargs):
+          amm_mimic_only=False, **loss_kwargs):
   """(prep, built): `pipeline.build` on `shared_prep()`, variables made."""
   prep = shared_prep()
   built = pipeline.build(
-      prep, dataclasses.replace(TOWER, use_amm=use_amm, interests=interests),
+      prep, dataclasses.replace(TOWER, use_amm=use_amm, interests=interests,
+                                amm_mimic_only=amm_mimic_only),
       LossConfig(loss=loss, use_cal=use_cal, **loss_kwargs))
   built.model.compute_loss(pipeline.dummy_batch(prep))  # creates variables
   return prep, built

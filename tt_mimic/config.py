@@ -145,6 +145,11 @@ class TowerConfig(_Checked):
                            upper=0.9)
   use_amm: bool = setting(True, "Adaptive-Mimic Mechanism (a_u, a_v and "
                           "their mimic losses).")
+  amm_mimic_only: bool = setting(
+      False, "a_u and a_v are trained by their mimic losses alone: the "
+      "towers read them as fixed inputs (stop-gradient), so the main loss "
+      "cannot make a_u a free user-id embedding. Off: the main loss also "
+      "trains them through the towers' inputs.")
   user_id_dropout: float = setting(0.1, "Training-time chance of hiding the "
                                    "user id.", lower=0.0, upper=1.0)
   recent_length: int = setting(0, "Also pool the user's N most recent "

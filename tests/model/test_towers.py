@@ -363,11 +363,12 @@ class TowerTest(tf.test.TestCase, parameterized.TestCase, NormMixin):
     self.assertUnitNorm(p_v)
 
 
-class TowerMimicGradientTest(tf.test.TestCase):
+class TowerMimicGradientTest(tf.test.TestCase, parameterized.TestCase):
   """Stop-gradient of the mimic losses on the real towers."""
 
-  def test_mimic_losses_only_train_their_augmented_vectors(self):
-    prep, built = build()
+  @parameterized.parameters(False, True)
+  def test_mimic_losses_only_train_their_augmented_vectors(self, mimic_only):
+    prep, built = build(amm_mimic_only=mimic_only)
     batch = train_batch(prep)
     a_u_var = built.user_tower.augmented.embeddings
     a_v_var = built.item_tower.augmented.embeddings
@@ -384,8 +385,12 @@ class TowerMimicGradientTest(tf.test.TestCase):
       self.assertEqual(reached, [owner.name])
     grads = dict(zip([v.name for v in variables],
                      tape.gradient(main, variables)))
-    self.assertIsNotNone(grads[a_u_var.name])
-    self.assertIsNotNone(grads[a_v_var.name])
+    # The main loss reaches a_u and a_v through the towers' inputs, unless
+    # --amm_mimic_only cuts that path (and only that one).
+    for var in (a_u_var, a_v_var):
+      self.assertEqual(grads[var.name] is None, mimic_only, var.name)
+    self.assertLen([g for g in grads.values() if g is None],
+                   2 if mimic_only else 0)
 
 
 class SparsePoolingTest(tf.test.TestCase, parameterized.TestCase):

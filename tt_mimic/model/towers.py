@@ -43,6 +43,13 @@ def _mlp(config: TowerConfig, name: str,
   return tf.keras.Sequential(layers, name=name)
 
 
+def _tower_input(augmented: tf.Tensor, config: TowerConfig) -> tf.Tensor:
+  """a_u or a_v as a tower's input: cut from the main loss's gradient under
+  `config.amm_mimic_only` (the mimic loss, which reads the vector itself,
+  still trains it)."""
+  return tf.stop_gradient(augmented) if config.amm_mimic_only else augmented
+
+
 def bag_mean(ids: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
   """Mean of table rows over each row's non-zero ids: [n, t] -> [n, d].
 
@@ -135,7 +142,7 @@ class ItemTower(tf.keras.Model):
     augmented = None
     if self.augmented is not None:
       augmented = self.augmented(ids)
-      parts.append(augmented)
+      parts.append(_tower_input(augmented, self.config))
     output = tf.cast(self.mlp(tf.concat(parts, axis=-1), training=training),
                      tf.float32)
     if self.residual is not None:
@@ -361,7 +368,7 @@ class UserTower(tf.keras.Model):
       parts.insert(0, self.user_id(user))
     augmented = None
     if self.augmented is not None:
-      parts.append(self.augmented(user))
+      parts.append(_tower_input(self.augmented(user), self.config))
       # The mimic loss trains the user's own a_u even where the tower's
       # input had the id hidden: hiding is there to teach the tower about
       # unseen users, not to move their mimic updates to the unknown row.
