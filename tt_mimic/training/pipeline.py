@@ -328,7 +328,11 @@ def variant_configs(name: str, tower: TowerConfig,
          "dat": True}[name]
   cal = {"id_only": False, "two_tower": False, "dat_no_cal": False,
          "dat": True}[name]
-  return (dataclasses.replace(tower, use_amm=amm and tower.use_amm,
+  amm = amm and tower.use_amm
+  # A variant without AMM stamps amm_mimic_only off too: its model is the
+  # same either way, so the flag must not make a run directory retrain it.
+  return (dataclasses.replace(tower, use_amm=amm,
+                              amm_mimic_only=amm and tower.amm_mimic_only,
                               id_only=name == "id_only" or tower.id_only),
           dataclasses.replace(loss, use_cal=cal and loss.use_cal))
 
