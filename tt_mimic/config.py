@@ -267,6 +267,14 @@ class TrainConfig(_Checked):
   refit: bool = setting(True, "After validation has chosen the epochs, "
                         "retrain dat on training plus validation events for "
                         "that many epochs; that model (dat_refit) is exported.")
+  ensemble: int = setting(
+      1, "Members of the exported model: with N > 1, the exported variant "
+      "(dat_refit, or dat with --norefit) is trained N-1 more times with "
+      "seeds --seed+1000, --seed+2000, ..., for the epochs validation chose, "
+      "and the members' scores add up (dat_refit_ensemble: one two-tower model "
+      "whose vectors are the members' side by side; N times the training "
+      "of the refit, N times the width and interests^N query vectors).",
+      lower=1, upper=4)
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)

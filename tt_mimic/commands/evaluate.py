@@ -23,8 +23,10 @@ _EVAL_SPLIT = flags.DEFINE_enum("eval_split", "test", ["val", "test"],
 _VARIANT = flags.DEFINE_enum(
     "variant", "exported",
     ["exported", "popularity"] + list(pipeline.TRAINED_VARIANTS)
-    + [v + pipeline.REFIT_SUFFIX for v in ("popularity", "dat")],
-    "Variant to evaluate (exported: the one the run exports).")
+    + [v + pipeline.REFIT_SUFFIX for v in ("popularity", "dat")]
+    + [v + pipeline.ENSEMBLE_SUFFIX for v in ("dat", "dat_refit")],
+    "Variant to evaluate (exported: the one the run exports; *_ensemble: "
+    "the members of --ensemble together).")
 
 
 _KS = flags.DEFINE_list(
@@ -51,7 +53,7 @@ def evaluate_run(model_dir: str, split: str, variant: str,
   config, prep = pipeline.open_run(model_dir)
   if variant == "exported":
     variant = pipeline.exported_variant(model_dir)
-  if split == "val" and variant.endswith(pipeline.REFIT_SUFFIX):
+  if split == "val" and pipeline.is_refit(variant):
     raise pipeline.RunError(f"{variant} was trained on the validation events; "
                             "evaluate it on test (a score on its own training "
                             "data says nothing).")

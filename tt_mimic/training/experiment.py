@@ -9,6 +9,7 @@ Variants (same data, split, budget and tower sizes):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -36,7 +37,10 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   state are where every worker resumes from (see trainer.train_variant).
 
   With `train.refit`, dat is also retrained on training plus validation
-  events ("dat_refit", with "popularity_refit" beside it).
+  events ("dat_refit", with "popularity_refit" beside it). With
+  `train.ensemble` = N > 1, the exported one of the two is trained N - 1
+  more times with other seeds ("dat_refit_2", ...) and their ensemble is
+  evaluated ("dat_refit_ensemble").
 
   metrics: {variant: {metric: value}} on the test split.
   results: {variant: result dict with history} for trained variants.
@@ -59,6 +63,9 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   if train.refit and "dat" in results:
     _refit(prep, tower, loss, train, model_dir, metrics, results, built,
            chief_dir)
+  if train.ensemble > 1 and "dat" in results:
+    _ensemble(prep, tower, loss, train, model_dir, metrics, results, built,
+              chief_dir)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   logging.info("Test metrics (full corpus, %d users, split %s)\n%s",
@@ -89,6 +96,35 @@ def _refit(prep, tower, loss, train, model_dir, metrics, results, built,
       refit_epochs=results["dat"]["best_epoch"],
       shared_dir=_shared(chief_dir, name))
   metrics[name] = results[name]["test"]
+
+
+def _ensemble(prep, tower, loss, train, model_dir, metrics, results, built,
+              chief_dir):
+  """The exported variant (dat_refit, or dat without a refit) trained
+  `train.ensemble` - 1 more times, with the seeds of `member_seed`, for the
+  epochs validation chose, on the same events; their ensemble
+  (model.ensemble) is the model exported."""
+  stem = "dat" + (pipeline.REFIT_SUFFIX if train.refit else "")
+  view = pipeline.view_for(prep, train, stem)
+  tower_cfg, loss_cfg = pipeline.variant_configs("dat", tower, loss)
+  members = [built[stem]]
+  for i in range(2, train.ensemble + 1):
+    name = pipeline.member_name(stem, i)
+    built[name], results[name] = trainer.train_variant(
+        name, view, tower_cfg, loss_cfg,
+        dataclasses.replace(train,
+                            seed=pipeline.member_seed(train.seed, i)),
+        os.path.join(model_dir, "variants", name),
+        os.path.join(model_dir, "tensorboard", name),
+        refit_epochs=results["dat"]["best_epoch"],
+        shared_dir=_shared(chief_dir, name))
+    metrics[name] = results[name]["test"]
+    members.append(built[name])
+  name = stem + pipeline.ENSEMBLE_SUFFIX
+  built[name] = pipeline.ensemble(members)
+  metrics[name] = pipeline.test_metrics(
+      pipeline.model_scorer(built[name], len(view.data.items)), view,
+      train.eval_batch_size)
 
 
 def table(metrics: dict, columns=HEADLINE) -> str:

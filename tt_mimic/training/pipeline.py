@@ -41,6 +41,7 @@ from tt_mimic.data import features
 from tt_mimic.data import ingest
 from tt_mimic.data import pipeline as data_lib
 from tt_mimic.model import dat as model_lib
+from tt_mimic.model import ensemble as ensemble_lib
 from tt_mimic.model import towers
 from tt_mimic.progress import Progress
 from tt_mimic.training import evaluation
@@ -50,6 +51,7 @@ RUN_FILE = "run.json"
 PREPROCESSING_DIR = "preprocessing"
 TRAINED_VARIANTS = ("id_only", "two_tower", "dat_no_cal", "dat")
 REFIT_SUFFIX = "_refit"
+ENSEMBLE_SUFFIX = "_ensemble"
 
 
 class RunError(FileNotFoundError):
@@ -314,10 +316,67 @@ def open_run(model_dir: str) -> tuple[RunConfig, Prepared]:
 
 @dataclasses.dataclass
 class Built:
-  model: model_lib.DATModel
+  """A variant's towers (`model` is None for an ensemble, whose towers
+  combine its `members`' (model.ensemble))."""
+  model: model_lib.DATModel | None
   user_tower: towers.UserTower
   item_tower: towers.ItemTower
   encoder: model_lib.ItemIndexEncoder
+  members: tuple = ()
+
+
+def ensemble(members) -> Built:
+  """The ensemble of trained variants: their scores add up."""
+  return Built(None, ensemble_lib.EnsembleUserTower(
+                   [m.user_tower for m in members]),
+               ensemble_lib.EnsembleItemTower([m.item_tower for m in members]),
+               ensemble_lib.EnsembleEncoder([m.encoder for m in members]),
+               tuple(members))
+
+
+def member_name(name: str, member: int) -> str:
+  """Member `member` (1, 2, ...) of an ensemble of `name`: `name` itself,
+  then `name`_2, `name`_3, ... (the same model trained with other seeds)."""
+  return name if member == 1 else f"{name}_{member}"
+
+
+def member_seed(seed: int, member: int) -> int:
+  """The seed of member `member` of a run with --seed=`seed`: seed + 1000
+  (member - 1), apart from the consecutive seeds of other runs (as
+  benchmarks/quality.py's --seeds=1,2,3), so no two runs share a member."""
+  return seed + 1000 * (member - 1)
+
+
+def parse_variant(name: str) -> tuple[str, bool, int, bool]:
+  """(trained variant, refit, member, ensemble) of a model's name, e.g.
+  'dat_refit_2' -> ('dat', True, 2, False), 'dat_refit_ensemble' ->
+  ('dat', True, 1, True).
+
+  Raises:
+    ValueError: the name is not a trained variant's.
+  """
+  ensemble = name.endswith(ENSEMBLE_SUFFIX)
+  stem = name.removesuffix(ENSEMBLE_SUFFIX)
+  head, _, tail = stem.rpartition("_")
+  member = 1
+  if not ensemble and tail.isdigit() and tail == str(int(tail)) and int(
+      tail) > 1:
+    stem, member = head, int(tail)
+  base = stem.removesuffix(REFIT_SUFFIX)
+  if base not in TRAINED_VARIANTS:
+    raise ValueError(f"{name!r} is not a trained variant; expected one of "
+                     f"{TRAINED_VARIANTS}, optionally with {REFIT_SUFFIX!r}, "
+                     "then a member number (_2, _3, ...) or "
+                     f"{ENSEMBLE_SUFFIX!r}.")
+  return base, stem.endswith(REFIT_SUFFIX), member, ensemble
+
+
+def is_refit(name: str) -> bool:
+  """Whether the model `name` (a trained variant's, or popularity_refit)
+  was fitted on training plus validation events."""
+  if name.startswith("popularity"):
+    return name.endswith(REFIT_SUFFIX)
+  return parse_variant(name)[1]
 
 
 def variant_configs(name: str, tower: TowerConfig,
@@ -384,23 +443,28 @@ def best_weights(model_dir: str, name: str) -> str:
 
 def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
                  name: str = "dat") -> Built:
-  """A trained variant of a run, with its best weights.
+  """A trained variant of a run (a name `parse_variant` reads), with its
+  best weights; an ensemble's name gives its `config.train.ensemble`
+  members together.
 
   Raises:
-    RunError: the variant has no best weights.
+    RunError: the variant (or a member) has no best weights.
   """
-  base = name.removesuffix(REFIT_SUFFIX)
-  if base not in TRAINED_VARIANTS:
-    raise ValueError(f"{name!r} is not a trained variant; expected one of "
-                     f"{TRAINED_VARIANTS} (or one with {REFIT_SUFFIX!r}).")
-  if name.endswith(REFIT_SUFFIX) != (len(prep.fit_splits) > 1):
+  base, refit, member, whole = parse_variant(name)
+  if refit != (len(prep.fit_splits) > 1):
     raise ValueError(f"{name!r} needs the prepared data it was fitted on "
                      "(pipeline.refit_view for a refit variant).")
+  if whole:
+    stem = name.removesuffix(ENSEMBLE_SUFFIX)
+    return ensemble([load_variant(model_dir, config, prep,
+                                  member_name(stem, i))
+                     for i in range(1, config.train.ensemble + 1)])
   weights = best_weights(model_dir, name)
   if not os.path.exists(weights + ".index"):
+    how = f"--variants=...,{base}" + (" --refit" if refit else "") + (
+        f" --ensemble={member}" if member > 1 else "")
     raise RunError(f"{weights}.index not found: the run in {model_dir} has "
-                   f"no trained '{name}' variant (train it with "
-                   f"--variants=...,{name}).")
+                   f"no trained '{name}' (train it with {how}).")
   tower, loss = variant_configs(base, config.tower, config.loss)
   built = build(prep, tower, loss)
   create_variables(built, prep)
@@ -409,17 +473,23 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
 
 
 def exported_variant(model_dir: str) -> str:
-  """The variant a run exports: dat's refit when it exists, else dat."""
+  """The model a run exports: dat's refit when it exists, else dat; with
+  --ensemble=N > 1 and every member trained, their ensemble."""
   refit = "dat" + REFIT_SUFFIX
-  return refit if os.path.exists(best_weights(model_dir, refit) + ".index") \
+  stem = refit if os.path.exists(best_weights(model_dir, refit) + ".index") \
       else "dat"
+  members = read_config(model_dir).train.ensemble
+  if members > 1 and all(
+      os.path.exists(best_weights(model_dir, member_name(stem, i)) + ".index")
+      for i in range(2, members + 1)):
+    return stem + ENSEMBLE_SUFFIX
+  return stem
 
 
 def view_for(prep: Prepared, train_config: TrainConfig,
              name: str) -> Prepared:
   """The prepared data variant `name` was fitted on."""
-  return (refit_view(prep, train_config) if name.endswith(REFIT_SUFFIX)
-          else prep)
+  return refit_view(prep, train_config) if is_refit(name) else prep
 
 
 # ------------------------------------------------------------- embeddings
@@ -460,7 +530,16 @@ def test_metrics(score_fn, prep: Prepared, batch_size: int,
 def model_scorer(built: Built, num_items: int,
                  embeddings: np.ndarray | None = None) -> callable:
   """Scores users against the corpus; `embeddings` as from `item_embeddings`
-  (computed here when not given)."""
+  (computed here when not given). An ensemble adds up its members' scores
+  (the same scores as its combined query vectors, at a fraction of the
+  cost)."""
+  if built.members:
+    widths = [m.user_tower.config.output_dim for m in built.members]
+    parts = (np.split(embeddings, np.cumsum(widths)[:-1], axis=1)
+             if embeddings is not None else [None] * len(widths))
+    scorers = [model_scorer(m, num_items, e)
+               for m, e in zip(built.members, parts)]
+    return lambda batch: tf.add_n([s(batch) for s in scorers])  # noqa: E731
   if embeddings is None:
     embeddings = item_embeddings(built.encoder, num_items)
   query = lambda batch: built.user_tower(batch)[0]  # noqa: E731

@@ -344,10 +344,11 @@ def resumed_epoch(backup_dir: str) -> int:
 
 
 # Training settings that do not shape a variant: Keras's progress output,
-# which variants the run trains, and whether dat is refit afterwards (a
-# refit is a variant of its own, stamped with its refit_epochs; so a run
-# made with --norefit resumes with --refit).
-_NOT_SHAPING = ("verbose", "variants", "refit")
+# which variants the run trains, whether dat is refit afterwards (a refit
+# is a variant of its own, stamped with its refit_epochs; so a run made
+# with --norefit resumes with --refit) and how many members the exported
+# model has (each member is a variant of its own, stamped with its seed).
+_NOT_SHAPING = ("verbose", "variants", "refit", "ensemble")
 
 
 def _shaping(settings: dict) -> dict:

@@ -1,0 +1,107 @@
+"""--ensemble: the exported model is its members together, in training,
+evaluation and the export alike."""
+
+import json
+import os
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tt_mimic.commands import evaluate as evaluate_command
+from tt_mimic.commands import train
+from tt_mimic.serving import recommender
+from tt_mimic.training import pipeline
+
+import tiny_data
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+  """A tiny run of dat, its refit and a second member (four query vectors
+  each), exported."""
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+  root = tmp_path_factory.mktemp("ensemble")
+  dataset = tiny_data.write_dataset(root, "small")
+  model_dir = str(root / "run")
+  values = tiny_data.train_flags(dataset, model_dir, epochs=2, patience=0,
+                                 variants=["popularity", "dat"], refit=True,
+                                 ensemble=2, export=True, export_k=20,
+                                 interests=4)
+  with flagsaver.flagsaver(**values):
+    train.main(["train"])
+  return model_dir
+
+
+def _json(*parts):
+  with open(os.path.join(*parts)) as f:
+    return json.load(f)
+
+
+def test_members_are_trained_with_their_own_seeds(ensemble_run):
+  metrics = _json(ensemble_run, "metrics.json")
+  assert {"dat_refit", "dat_refit_2", "dat_refit_ensemble"} <= metrics.keys()
+  first = _json(ensemble_run, "variants", "dat_refit", "settings.json")
+  second = _json(ensemble_run, "variants", "dat_refit_2", "settings.json")
+  assert second["train"]["seed"] == pipeline.member_seed(
+      first["train"]["seed"], 2) != first["train"]["seed"]
+  # The member trains the refit's epochs, which validation chose for dat.
+  assert second["refit_epochs"] == first["refit_epochs"] == _json(
+      ensemble_run, "variants", "dat", "result.json")["best_epoch"]
+  config, prep = pipeline.open_run(ensemble_run)
+  view = pipeline.refit_view(prep, config.train)
+  a = pipeline.load_variant(ensemble_run, config, view, "dat_refit")
+  b = pipeline.load_variant(ensemble_run, config, view, "dat_refit_2")
+  assert not np.allclose(a.item_tower.item_id.embeddings.numpy(),
+                         b.item_tower.item_id.embeddings.numpy())
+
+
+def test_the_ensemble_is_exported_and_evaluates_as_trained(ensemble_run):
+  assert pipeline.exported_variant(ensemble_run) == "dat_refit_ensemble"
+  with flagsaver.flagsaver(model_dir=ensemble_run, eval_split="test",
+                           variant="exported"):
+    evaluate_command.main(["evaluate"])
+  evaluated = _json(ensemble_run, "evaluate_dat_refit_ensemble_test.json")
+  trained = _json(ensemble_run, "metrics.json")["dat_refit_ensemble"]
+  for name in ("recall@20", "ndcg@20", "mrr"):
+    assert evaluated[name] == pytest.approx(trained[name], abs=1e-6), name
+  with flagsaver.flagsaver(model_dir=ensemble_run, eval_split="val",
+                           variant="exported"):
+    with pytest.raises(SystemExit, match="trained on the validation events"):
+      evaluate_command.main(["evaluate"])
+
+
+def test_the_export_scores_the_sum_of_the_members(ensemble_run):
+  """The exported query vectors against the exported book vectors give, for
+  each book, the members' best scores added up."""
+  config, prep = pipeline.open_run(ensemble_run)
+  view = pipeline.refit_view(prep, config.train)
+  members = [pipeline.load_variant(ensemble_run, config, view, name)
+             for name in ("dat_refit", "dat_refit_2")]
+  export = os.path.join(ensemble_run, "export")
+  books = np.load(os.path.join(export, "embeddings.npy"))
+  assert books.shape[1] == 2 * config.tower.output_dim
+  serving = tf.saved_model.load(recommender.serving_path(export, 1))
+  users, history = view.test.users[:5], view.test.history[:5]
+  asins = np.r_[[""], view.data.items["parent_asin"].to_numpy(str)]
+  query = serving.signatures["query"](
+      user_id=tf.constant(view.data.users[users - 1].astype(str)),
+      # The signature takes a history in time order (ours: latest first).
+      history=tf.constant(asins[history[:, ::-1]]))["embedding"].numpy()
+  assert query.shape == (len(users), 16, 2 * config.tower.output_dim)
+  exported = np.einsum("bkd,nd->bkn", query, books).max(1)
+  batch = {"user_id": tf.constant(view.test.user_id[:5]),
+           "history": tf.constant(history)}
+  summed = pipeline.model_scorer(pipeline.ensemble(members),
+                                 len(view.data.items))(batch).numpy()[:, 1:]
+  np.testing.assert_allclose(exported, summed, atol=1e-4)
+  recs = recommender.Recommender(ensemble_run, "scann")
+  assert len(recs.recommend(None, [str(view.data.users[users[0] - 1])],
+                            k=5)) == 5
