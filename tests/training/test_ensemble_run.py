@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from tt_mimic.commands import evaluate as evaluate_command
 from tt_mimic.commands import train
+from tt_mimic.data import features
 from tt_mimic.serving import recommender
 from tt_mimic.training import pipeline
 
@@ -102,6 +103,15 @@ def test_the_export_scores_the_sum_of_the_members(ensemble_run):
   summed = pipeline.model_scorer(pipeline.ensemble(members),
                                  len(view.data.items))(batch).numpy()[:, 1:]
   np.testing.assert_allclose(exported, summed, atol=1e-4)
+  # The candidate SavedModel embeds raw books as the export did.
+  raw = features.raw_item_features(view.data.items.iloc[:4],
+                                   config.features)
+  candidate = recommender.load_candidate(export).signatures[
+      "serving_default"](**{k: tf.constant(v) for k, v in raw.items()})
+  np.testing.assert_allclose(candidate["embedding"].numpy(), books[:4],
+                             atol=1e-5)
+  assert _json(export, "export.json")["provenance"]["model"] == (
+      "dat_refit_ensemble")
   recs = recommender.Recommender(ensemble_run, "scann")
   assert len(recs.recommend(None, [str(view.data.users[users[0] - 1])],
                             k=5)) == 5

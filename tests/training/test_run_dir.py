@@ -140,6 +140,7 @@ def test_a_missing_variant_is_a_clear_error(moved_run):
 def test_export_json_says_where_the_export_comes_from(moved_run):
   info = _json(moved_run, "export", "export.json")["provenance"]
   assert info["package_version"] == tt_mimic.__version__
+  assert info["model"] == "dat_refit"
   assert info["config"] == json.loads(
       pipeline.read_config(moved_run).to_json())
   assert info["metrics"]["dat_refit"]["recall@20"] == _json(

@@ -497,9 +497,11 @@ def _save(module, path, options=None):
 
 
 def provenance(model_dir: str, prep: pipeline.Prepared) -> dict:
-  """Where an export comes from: package version, the run's resolved
-  config, its test metrics (without segments) and the input files."""
+  """Where an export comes from: package version, the model (the variant
+  exported), the run's resolved config, its test metrics (without
+  segments) and the input files."""
   out = {"package_version": tt_mimic.__version__,
+         "model": pipeline.exported_variant(model_dir),
          "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          # The ingest key hashes the inputs' path, size and mtime with the
          # ingest settings (ingest.cache_key).
