@@ -33,3 +33,17 @@ class VariantConfigsTest(parameterized.TestCase):
     self.assertFalse(tower.use_amm)
     self.assertFalse(tower.amm_mimic_only)
     self.assertFalse(loss.use_cal)
+
+  @parameterized.parameters(
+      ("two_tower", 0.5, 0.5, 1.0),
+      ("dat_no_cal", 0.2, 0.3, 1.0),
+      ("dat", 0.2, 0.3, 4.0))
+  def test_weights_of_missing_parts_are_stamped_at_their_defaults(
+      self, name, lambda_u, lambda_v, lambda_ca):
+    """Their loss terms are zero, so the weights change nothing: a variant
+    without a part keeps one stamp (and its training) whatever they are."""
+    _, loss = pipeline.variant_configs(
+        name, TowerConfig(), LossConfig(lambda_u=0.2, lambda_v=0.3,
+                                        lambda_ca=4.0))
+    self.assertEqual((loss.lambda_u, loss.lambda_v, loss.lambda_ca),
+                     (lambda_u, lambda_v, lambda_ca))
