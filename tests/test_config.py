@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+import pytest
+
 from tt_mimic import config
 from tt_mimic.training import trainer
 
@@ -143,3 +145,15 @@ def test_claim_keeps_a_variant_when_only_refit_differs(tmp_path):
   # Every other setting still counts.
   trainer._claim(directory, _stamp(refit=True, batch_size=7))
   assert not os.path.exists(marker)
+
+
+def test_an_ensemble_is_capped_by_its_query_vectors():
+  """interests^members query vectors: 4^3 = 64 is allowed, 4^4 = 256 not."""
+  def run(interests, ensemble):
+    return config.RunConfig(
+        tower=config.TowerConfig(interests=interests),
+        train=config.TrainConfig(ensemble=ensemble))
+  assert run(4, 3).train.ensemble == 3
+  assert run(1, 4).train.ensemble == 4
+  with pytest.raises(ValueError, match="256 query vectors"):
+    run(4, 4)

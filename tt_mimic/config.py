@@ -273,7 +273,9 @@ class TrainConfig(_Checked):
       "seeds --seed+1000, --seed+2000, ..., for the epochs validation chose, "
       "and the members' scores add up (dat_refit_ensemble: one two-tower model "
       "whose vectors are the members' side by side; N times the training "
-      "of the refit, N times the width and interests^N query vectors).",
+      "of the refit, N times the width and interests^N query vectors, at "
+      "most 64). With --norefit the members train dat's best number of "
+      "epochs without early stopping, as a refit does.",
       lower=1, upper=4)
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
@@ -352,6 +354,9 @@ SECTIONS = {"ingest": IngestConfig, "features": FeatureConfig,
             "export": ExportConfig}
 
 
+# An ensemble's query vectors (interests^members) cap: each is a search.
+MAX_QUERY_VECTORS = 64
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Every config of a run; written to `<model_dir>/config.json`."""
@@ -372,6 +377,14 @@ class RunConfig:
           f"--interests={self.tower.interests} needs a history to pool "
           "(each interest is an attention pool of it); with "
           "--history_length=0 give --interests=1.")
+    vectors = self.tower.interests ** self.train.ensemble
+    if self.train.ensemble > 1 and vectors > MAX_QUERY_VECTORS:
+      raise ValueError(
+          f"--ensemble={self.train.ensemble} with --interests="
+          f"{self.tower.interests} gives {vectors} query vectors per user "
+          f"(interests^members); at most {MAX_QUERY_VECTORS} are allowed "
+          "(each one is a search at serving time): use fewer members or "
+          "interests.")
     if self.tower.recent_length and (
         self.tower.recent_length >= self.features.history_length):
       raise ValueError(

@@ -43,6 +43,14 @@ class CombineQueriesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(got, want, atol=1e-5)
 
 
+  def test_in_a_graph_of_unknown_counts(self):
+    combine = tf.function(ensemble.combine_queries, input_signature=[[
+        tf.TensorSpec([None, None, 2], tf.float32),
+        tf.TensorSpec([None, None, 3], tf.float32)]])
+    out = combine([tf.ones([5, 4, 2]), tf.zeros([5, 3, 3])])
+    self.assertEqual(out.shape, (5, 12, 5))
+
+
 class VariantNamesTest(parameterized.TestCase):
 
   @parameterized.parameters(

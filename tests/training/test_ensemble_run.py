@@ -1,6 +1,7 @@
 """--ensemble: the exported model is its members together, in training,
 evaluation and the export alike."""
 
+import dataclasses
 import json
 import os
 
@@ -115,3 +116,64 @@ def test_the_export_scores_the_sum_of_the_members(ensemble_run):
   recs = recommender.Recommender(ensemble_run, "scann")
   assert len(recs.recommend(None, [str(view.data.users[users[0] - 1])],
                             k=5)) == 5
+
+
+@pytest.fixture(scope="module")
+def plain_ensemble_run(tmp_path_factory):
+  """Two members of dat without a refit, one query vector each."""
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+  root = tmp_path_factory.mktemp("plain_ensemble")
+  dataset = tiny_data.write_dataset(root, "small")
+  model_dir = str(root / "run")
+  values = tiny_data.train_flags(dataset, model_dir, epochs=2, patience=0,
+                                 variants=["popularity", "dat"], refit=False,
+                                 ensemble=2, export=True, export_k=20,
+                                 interests=1)
+  with flagsaver.flagsaver(**values):
+    train.main(["train"])
+  return model_dir
+
+
+def test_an_ensemble_without_refit(plain_ensemble_run):
+  assert pipeline.exported_variant(plain_ensemble_run) == "dat_ensemble"
+  assert {"dat_2", "dat_ensemble"} <= _json(plain_ensemble_run,
+                                            "metrics.json").keys()
+  # Not trained on validation events: it may be evaluated there.
+  with flagsaver.flagsaver(model_dir=plain_ensemble_run, eval_split="val",
+                           variant="exported"):
+    evaluate_command.main(["evaluate"])
+  assert _json(plain_ensemble_run, "evaluate_dat_ensemble_val.json")[
+      "users"] > 0
+  # One vector per member: the exported query is [users, 2 x output_dim].
+  config = pipeline.read_config(plain_ensemble_run)
+  serving = tf.saved_model.load(recommender.serving_path(
+      os.path.join(plain_ensemble_run, "export"), 1))
+  query = serving.signatures["serving_default"](user_id=tf.constant(["x"]))
+  assert query["parent_asin"].shape == (1, 20)
+  embedding = serving.signatures["query"](
+      user_id=tf.constant(["x"]), history=tf.constant([[""]]))["embedding"]
+  assert embedding.shape == (1, 2 * config.tower.output_dim)
+
+
+def test_a_missing_member_exports_the_first_alone(plain_ensemble_run):
+  path = os.path.join(plain_ensemble_run, pipeline.CONFIG_FILE)
+  with open(path) as f:
+    text = f.read()
+  config = pipeline.read_config(plain_ensemble_run)
+  try:
+    with open(path, "w") as f:
+      f.write(dataclasses.replace(config, train=dataclasses.replace(
+          config.train, ensemble=3)).to_json())
+    assert pipeline.exported_variant(plain_ensemble_run) == "dat"
+    with open(path, "w") as f:
+      f.write(dataclasses.replace(config, train=dataclasses.replace(
+          config.train, ensemble=1)).to_json())
+    assert pipeline.exported_variant(plain_ensemble_run) == "dat"
+    _, prep = pipeline.open_run(plain_ensemble_run)
+    with pytest.raises(pipeline.RunError, match="not trained with --ensemble"):
+      pipeline.load_variant(plain_ensemble_run, pipeline.read_config(
+          plain_ensemble_run), prep, "dat_ensemble")
+  finally:
+    with open(path, "w") as f:
+      f.write(text)

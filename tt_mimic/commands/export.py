@@ -41,7 +41,7 @@ def _export(model_dir: str) -> None:
                for f in dataclasses.fields(given)
                if (f.metadata.get("flag") or f.name) in names}
   export.export_run(model_dir, prep, built,
-                    dataclasses.replace(config.export, **overrides))
+                    dataclasses.replace(config.export, **overrides), model=name)
 
 
 def run(argv=None):

@@ -84,7 +84,7 @@ def _train(config, model_dir: str, chief_dir: str | None = None) -> None:
   if config.export.export and "dat" in built:
     name = pipeline.exported_variant(model_dir)
     view = pipeline.view_for(prep, config.train, name)
-    export.export_run(model_dir, view, built[name], config.export)
+    export.export_run(model_dir, view, built[name], config.export, model=name)
     if config.export.recommend_k:
       recommender.print_example(model_dir, view, config.export.recommend_k)
 

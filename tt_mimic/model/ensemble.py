@@ -48,9 +48,11 @@ def combine_queries(queries: Sequence[tf.Tensor]) -> tf.Tensor:
     if out is None:
       out = query
       continue
-    k_out, k_new = tf.shape(out)[1], tf.shape(query)[1]
+    # Static counts where known, so the combined count stays static.
+    k_out = out.shape[1] or tf.shape(out)[1]
+    k_new = query.shape[1] or tf.shape(query)[1]
     out = tf.concat([tf.repeat(out, k_new, axis=1),
-                     tf.tile(query, tf.stack([1, k_out, 1]))], axis=-1)
+                     tf.tile(query, [1, k_out, 1])], axis=-1)
   return out[:, 0] if single else out
 
 

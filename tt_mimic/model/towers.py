@@ -48,7 +48,8 @@ def _tower_input(augmented: tf.Tensor, config: TowerConfig) -> tf.Tensor:
   `config.amm_mimic_only` (the mimic loss, which reads the vector itself,
   still trains it). Row 0 of a_u, read where training hid the user's id,
   is then trained by no loss: the mimic loss trains the user's own row. It
-  stays a fixed random vector that the MLP learns to read as "unknown"."""
+  stays a fixed random vector (under adamw, decaying to zero) that the MLP
+  learns to read as "unknown"."""
   return tf.stop_gradient(augmented) if config.amm_mimic_only else augmented
 
 

@@ -496,12 +496,12 @@ def _save(module, path, options=None):
   logging.info("Saved %s in %.1f s", path, time.monotonic() - start)
 
 
-def provenance(model_dir: str, prep: pipeline.Prepared) -> dict:
+def provenance(model_dir: str, prep: pipeline.Prepared, model: str) -> dict:
   """Where an export comes from: package version, the model (the variant
   exported), the run's resolved config, its test metrics (without
   segments) and the input files."""
   out = {"package_version": tt_mimic.__version__,
-         "model": pipeline.exported_variant(model_dir),
+         "model": model,
          "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          # The ingest key hashes the inputs' path, size and mtime with the
          # ingest settings (ingest.cache_key).
@@ -544,8 +544,9 @@ def write_models_config(directory: str, name: str = "tt_mimic") -> None:
 
 
 def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
-               config: ExportConfig = ExportConfig()) -> str:
-  """Exports the trained model of a run; returns the export directory."""
+               config: ExportConfig = ExportConfig(), *, model: str) -> str:
+  """Exports `built`, the trained model `model` of a run (as
+  `pipeline.exported_variant` names it); returns the export directory."""
   directory = os.path.join(model_dir, "export")
   os.makedirs(directory, exist_ok=True)
   data = prep.data
@@ -594,7 +595,7 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
                              "bytes": int(seen_items.nbytes + seen_splits.nbytes
                                           + 4 * (len(data.users) + 1))}
   info["history_length"] = prep.feature_config.history_length
-  info["provenance"] = provenance(model_dir, prep)
+  info["provenance"] = provenance(model_dir, prep, model)
   with open(os.path.join(directory, "export.json.tmp"), "w") as f:
     json.dump(info, f, indent=2)
   # Written last and atomically: a server polling the export reloads once.

@@ -319,9 +319,9 @@ class Built:
   """A variant's towers (`model` is None for an ensemble, whose towers
   combine its `members`' (model.ensemble))."""
   model: model_lib.DATModel | None
-  user_tower: towers.UserTower
-  item_tower: towers.ItemTower
-  encoder: model_lib.ItemIndexEncoder
+  user_tower: towers.UserTower | ensemble_lib.EnsembleUserTower
+  item_tower: towers.ItemTower | ensemble_lib.EnsembleItemTower
+  encoder: model_lib.ItemIndexEncoder | ensemble_lib.EnsembleEncoder
   members: tuple = ()
 
 
@@ -467,6 +467,9 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
     raise ValueError(f"{name!r} needs the prepared data it was fitted on "
                      "(pipeline.refit_view for a refit variant).")
   if whole:
+    if config.train.ensemble < 2:
+      raise RunError(f"{name!r}: the run in {model_dir} was not trained with "
+                     "--ensemble=N > 1.")
     stem = name.removesuffix(ENSEMBLE_SUFFIX)
     return ensemble([load_variant(model_dir, config, prep,
                                   member_name(stem, i))
@@ -474,7 +477,8 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
   weights = best_weights(model_dir, name)
   if not os.path.exists(weights + ".index"):
     how = f"--variants=...,{base}" + (" --refit" if refit else "") + (
-        f" --ensemble={member}" if member > 1 else "")
+        f" --ensemble={max(member, config.train.ensemble)}"
+        + ("" if refit else " --norefit") if member > 1 else "")
     raise RunError(f"{weights}.index not found: the run in {model_dir} has "
                    f"no trained '{name}' (train it with {how}).")
   tower, loss = variant_configs(base, config.tower, config.loss)
@@ -485,16 +489,23 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
 
 
 def exported_variant(model_dir: str) -> str:
-  """The model a run exports: dat's refit when it exists, else dat; with
-  --ensemble=N > 1 and every member trained, their ensemble."""
+  """The model a run exports, as its config asks: dat's refit (with
+  --refit, once trained), else dat; with --ensemble=N > 1 and every member
+  trained, their ensemble (else, with a warning, the first member)."""
+  config = read_config(model_dir).train
   refit = "dat" + REFIT_SUFFIX
-  stem = refit if os.path.exists(best_weights(model_dir, refit) + ".index") \
-      else "dat"
-  members = read_config(model_dir).train.ensemble
-  if members > 1 and all(
-      os.path.exists(best_weights(model_dir, member_name(stem, i)) + ".index")
-      for i in range(2, members + 1)):
-    return stem + ENSEMBLE_SUFFIX
+  stem = refit if config.refit and os.path.exists(
+      best_weights(model_dir, refit) + ".index") else "dat"
+  if config.ensemble > 1:
+    missing = [member_name(stem, i) for i in range(2, config.ensemble + 1)
+               if not os.path.exists(best_weights(
+                   model_dir, member_name(stem, i)) + ".index")]
+    if not missing:
+      return stem + ENSEMBLE_SUFFIX
+    logging.warning("%s asks for --ensemble=%d but %s not trained: the run "
+                    "exports %s alone.", model_dir, config.ensemble,
+                    ", ".join(missing) + (" is" if len(missing) == 1
+                                          else " are"), stem)
   return stem
 
 
