@@ -24,22 +24,25 @@ import tiny_data
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture(scope="module")
-def ensemble_run(tmp_path_factory):
-  """A tiny run of dat, its refit and a second member (four query vectors
-  each), exported."""
+def _train(tmp_path_factory, name: str, **flag_values) -> str:
+  """A tiny exported run of dat with two members; returns its directory."""
   if not FLAGS.is_parsed():
     FLAGS.mark_as_parsed()
-  root = tmp_path_factory.mktemp("ensemble")
+  root = tmp_path_factory.mktemp(name)
   dataset = tiny_data.write_dataset(root, "small")
   model_dir = str(root / "run")
   values = tiny_data.train_flags(dataset, model_dir, epochs=2, patience=0,
-                                 variants=["popularity", "dat"], refit=True,
-                                 ensemble=2, export=True, export_k=20,
-                                 interests=4)
+                                 variants=["popularity", "dat"], ensemble=2,
+                                 export=True, export_k=20, **flag_values)
   with flagsaver.flagsaver(**values):
     train.main(["train"])
   return model_dir
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+  """dat, its refit and a second member (four query vectors each)."""
+  return _train(tmp_path_factory, "ensemble", refit=True, interests=4)
 
 
 def _json(*parts):
@@ -121,18 +124,7 @@ def test_the_export_scores_the_sum_of_the_members(ensemble_run):
 @pytest.fixture(scope="module")
 def plain_ensemble_run(tmp_path_factory):
   """Two members of dat without a refit, one query vector each."""
-  if not FLAGS.is_parsed():
-    FLAGS.mark_as_parsed()
-  root = tmp_path_factory.mktemp("plain_ensemble")
-  dataset = tiny_data.write_dataset(root, "small")
-  model_dir = str(root / "run")
-  values = tiny_data.train_flags(dataset, model_dir, epochs=2, patience=0,
-                                 variants=["popularity", "dat"], refit=False,
-                                 ensemble=2, export=True, export_k=20,
-                                 interests=1)
-  with flagsaver.flagsaver(**values):
-    train.main(["train"])
-  return model_dir
+  return _train(tmp_path_factory, "plain_ensemble", refit=False, interests=1)
 
 
 def test_an_ensemble_without_refit(plain_ensemble_run):
