@@ -42,7 +42,6 @@ class CombineQueriesTest(tf.test.TestCase, parameterized.TestCase):
                for q, v in zip(queries, books))
     self.assertAllClose(got, want, atol=1e-5)
 
-
   def test_in_a_graph_of_unknown_counts(self):
     combine = tf.function(ensemble.combine_queries, input_signature=[[
         tf.TensorSpec([None, None, 2], tf.float32),

@@ -392,20 +392,15 @@ def variant_configs(name: str, tower: TowerConfig,
   # A variant stamps the settings of the parts it lacks at their defaults:
   # its model is the same whatever they are (its loss terms are zero), so
   # they must not make a run directory retrain it.
-  unused = {}
+  defaults, unused = LossConfig(), {}
   if not amm:
-    unused.update(lambda_u=_default(LossConfig, "lambda_u"),
-                  lambda_v=_default(LossConfig, "lambda_v"))
+    unused.update(lambda_u=defaults.lambda_u, lambda_v=defaults.lambda_v)
   if not cal:
-    unused.update(lambda_ca=_default(LossConfig, "lambda_ca"))
+    unused.update(lambda_ca=defaults.lambda_ca)
   return (dataclasses.replace(tower, use_amm=amm,
                               amm_mimic_only=amm and tower.amm_mimic_only,
                               id_only=name == "id_only" or tower.id_only),
           dataclasses.replace(loss, use_cal=cal, **unused))
-
-
-def _default(cls, name: str):
-  return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def build(prep: Prepared, tower_config: TowerConfig,
