@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import tt_mimic  # noqa: F401,E402
 import tensorflow as tf  # noqa: E402
 
+from tt_mimic.data import ingest  # noqa: E402
 from tt_mimic.training import evaluation  # noqa: E402
 from tt_mimic.training import pipeline  # noqa: E402
 import peers  # noqa: E402
@@ -63,13 +64,12 @@ def main():
     sys.exit("ease_fusion: the scale is 'user' or 'global'.")
   config, prep = pipeline.open_run(run)
   n_items = len(prep.data.items)
-  for name, split, splits in (("dat", "val", None),
+  for name, split, splits in (("dat", "val", (ingest.SPLIT_TRAIN,)),
                               ("dat_refit", "test", peers.REFIT_SPLITS)):
     view = pipeline.view_for(prep, config.train, name)
     towers = pipeline.model_scorer(
         pipeline.load_variant(run, config, view, name), n_items)
-    users, items = peers.train_pairs(prep.data.events, *(
-        [] if splits is None else [splits]))
+    users, items = peers.train_pairs(prep.data.events, splits)
     ease = peers.ease_fit(users, items, n_items, lam)
     eval_set = getattr(view, split)
     if scale == "global":
