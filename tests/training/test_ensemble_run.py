@@ -169,3 +169,10 @@ def test_a_missing_member_exports_the_first_alone(plain_ensemble_run):
   finally:
     with open(path, "w") as f:
       f.write(text)
+
+
+def test_a_missing_member_says_how_to_train_it(plain_ensemble_run):
+  config, prep = pipeline.open_run(plain_ensemble_run)
+  with pytest.raises(pipeline.RunError,
+                     match=r"--variants=\.\.\.,dat --ensemble=3 --norefit\)"):
+    pipeline.load_variant(plain_ensemble_run, config, prep, "dat_3")

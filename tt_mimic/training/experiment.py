@@ -104,7 +104,7 @@ def _ensemble(prep, tower, loss, train, model_dir, metrics, results, built,
   `train.ensemble` - 1 more times, with the seeds of `member_seed`, for the
   epochs validation chose, on the same events; their ensemble
   (model.ensemble) is the model exported."""
-  stem = "dat" + (pipeline.REFIT_SUFFIX if train.refit else "")
+  stem = pipeline.exported_stem(train)
   view = pipeline.view_for(prep, train, stem)
   tower_cfg, loss_cfg = pipeline.variant_configs("dat", tower, loss)
   members = [built[stem]]

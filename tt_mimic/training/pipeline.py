@@ -470,12 +470,16 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
                                   member_name(stem, i))
                      for i in range(1, config.train.ensemble + 1)])
   weights = best_weights(model_dir, name)
-  if not os.path.exists(weights + ".index"):
-    how = f"--variants=...,{base}" + (" --refit" if refit else "") + (
-        f" --ensemble={max(member, config.train.ensemble)}"
-        + ("" if refit else " --norefit") if member > 1 else "")
+  if not has_weights(model_dir, name):
+    how = [f"--variants=...,{base}"]
+    if refit:
+      how.append("--refit")
+    if member > 1:
+      how.append(f"--ensemble={max(member, config.train.ensemble)}")
+      if not refit:
+        how.append("--norefit")
     raise RunError(f"{weights}.index not found: the run in {model_dir} has "
-                   f"no trained '{name}' (train it with {how}).")
+                   f"no trained '{name}' (train it with {' '.join(how)}).")
   tower, loss = variant_configs(base, config.tower, config.loss)
   built = build(prep, tower, loss)
   create_variables(built, prep)
@@ -483,18 +487,28 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
   return built
 
 
+def has_weights(model_dir: str, name: str) -> bool:
+  """Whether the run has best weights of the variant `name`."""
+  return os.path.exists(best_weights(model_dir, name) + ".index")
+
+
+def exported_stem(train_config: TrainConfig) -> str:
+  """The variant a run's config exports, before any ensemble: dat's refit
+  with --refit, else dat."""
+  return "dat" + (REFIT_SUFFIX if train_config.refit else "")
+
+
 def exported_variant(model_dir: str) -> str:
   """The model a run exports, as its config asks: dat's refit (with
   --refit, once trained), else dat; with --ensemble=N > 1 and every member
   trained, their ensemble (else, with a warning, the first member)."""
   config = read_config(model_dir).train
-  refit = "dat" + REFIT_SUFFIX
-  stem = refit if config.refit and os.path.exists(
-      best_weights(model_dir, refit) + ".index") else "dat"
+  stem = exported_stem(config)
+  if not has_weights(model_dir, stem):
+    stem = "dat"
   if config.ensemble > 1:
     missing = [member_name(stem, i) for i in range(2, config.ensemble + 1)
-               if not os.path.exists(best_weights(
-                   model_dir, member_name(stem, i)) + ".index")]
+               if not has_weights(model_dir, member_name(stem, i))]
     if not missing:
       return stem + ENSEMBLE_SUFFIX
     logging.warning("%s asks for --ensemble=%d but %s not trained: the run "
