@@ -7,11 +7,11 @@ identical. A user's known books are the EvalSet's `seen` row (every event
 before the held-out ones), not the truncated `history` features.
 
 - EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data",
-  WWW 2019): with the binary user x book matrix X,
-    P = (X^T X + lambda I)^-1,  B = I - P diag(1 / diag(P)),  diag(B) = 0,
-  and a user's scores are x_u B. NumPy only (SciPy, when installed, makes
-  the inverse in place); float32; needs dense books x books matrices
-  (books^2 * 4 bytes each, two at peak while tuning), hence the item cap.
+  WWW 2019; the closed form is `tt_mimic.model.ease.fit`, which the
+  exported blend uses too): a user's scores are x_u B, with the dense B
+  here. NumPy only (SciPy, when installed, makes the inverse in place);
+  float32; needs dense books x books matrices (books^2 * 4 bytes each, two
+  at peak while tuning), hence the item cap.
 - Implicit ALS (Hu, Koren & Volinsky, ICDM 2008) through the `implicit`
   library (the `bench` extra). Confidence is c = 1 + alpha on observed
   (user, book) pairs and 1 elsewhere, the form of the paper and of the
@@ -39,19 +39,20 @@ import numpy as np
 import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
+from tt_mimic.config import TrainConfig
 from tt_mimic.data import ingest
+from tt_mimic.model import ease as ease_lib
 from tt_mimic.training import evaluation
 from tt_mimic.training import pipeline
 
-EASE_MAX_ITEMS = 40_000
+EASE_MAX_ITEMS = TrainConfig().ease_max_items  # the run flag's default
 TUNE_METRIC = "recall@20"
 
 
 REFIT_SPLITS = (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)
 
 
-class TooManyItemsError(ValueError):
-  """EASE refuses a corpus whose books x books matrix is over the cap."""
+TooManyItemsError = ease_lib.TooManyItemsError
 
 
 # ---------------------------------------------------------------- shared
@@ -158,71 +159,12 @@ def _grid_lists(settings: Sequence[dict]) -> dict:
 
 def ease_check_size(n_items: int, max_items: int = EASE_MAX_ITEMS) -> None:
   """Raises TooManyItemsError when EASE would exceed the item cap."""
-  if n_items > max_items:
-    gib = n_items ** 2 * 4 / 2 ** 30
-    raise TooManyItemsError(
-        f"EASE refuses {n_items:,} books: it inverts a dense books x books "
-        f"matrix ({gib:.1f} GiB in float32; tuning holds two) and "
-        f"the cap is {max_items:,} books. Raise --ease_max_items if the "
-        "machine has the memory, or leave ease out of --peers.")
+  ease_lib.check_size(n_items, max_items, "--ease_max_items (or leave ease "
+                      "out of --peers)")
 
 
-def ease_gram(users: np.ndarray, items: np.ndarray,
-              n_items: int) -> np.ndarray:
-  """X^T X of the binary user x book matrix of distinct 0-based pairs."""
-  gram = np.zeros((n_items, n_items), np.float32)
-  order = np.lexsort((items, users))
-  users, items = users[order], items[order]
-  bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
-    row = items[lo:hi]
-    gram[np.ix_(row, row)] += 1.0  # distinct indices: += is exact
-  return gram
-
-
-def _inverse_in_place(a: np.ndarray) -> np.ndarray:
-  """Inverse of a symmetric positive definite float32 matrix.
-
-  With SciPy, Cholesky (potrf/potri) in `a`'s own memory, then the lower
-  triangle mirrored in row blocks; without it, np.linalg.inv (two more
-  n x n arrays at peak). SciPy's LAPACK runs on one BLAS thread: the
-  32-bit-integer OpenBLAS in SciPy's wheels segfaults in its threaded
-  spotrf on large matrices (26,303 books here; 8,000 is fine).
-  """
-  try:
-    # pylint: disable=import-outside-toplevel
-    from scipy.linalg import lapack
-    import threadpoolctl
-  except ImportError:
-    return np.linalg.inv(a)
-  # a is symmetric and C-ordered: a.T is the same memory in Fortran order,
-  # and LAPACK's upper triangle of a.T is the lower triangle of a.
-  with threadpoolctl.threadpool_limits(1, "blas"):
-    factor, info = lapack.spotrf(a.T, lower=0, overwrite_a=1, clean=0)
-    if info == 0:
-      factor, info = lapack.spotri(factor, lower=0, overwrite_c=1)
-  if info != 0:
-    raise np.linalg.LinAlgError(f"EASE: LAPACK potrf/potri info={info}")
-  out = factor.T
-  if not np.shares_memory(out, a):
-    a[...] = out
-  n, step = len(a), max(1, 2 ** 22 // max(len(a), 1))
-  for lo in range(0, n, step):
-    hi = min(n, lo + step)
-    block = a[lo:hi, lo:hi]
-    block[...] = np.tril(block) + np.tril(block, -1).T
-    a[lo:hi, hi:] = a[hi:, lo:hi].T
-  return a
-
-
-def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
-  """B = I - P diag(1/diag(P)), P = (gram + lam I)^-1; overwrites `gram`."""
-  diag = np.arange(len(gram))
-  gram[diag, diag] += np.float32(lam)
-  p = _inverse_in_place(gram)
-  p /= -np.diag(p).copy()[None, :]
-  p[diag, diag] = 0.0
-  return p
+ease_gram = ease_lib.gram
+ease_weights = ease_lib.weights_from_gram
 
 
 def ease_fit(users: np.ndarray, items: np.ndarray, n_items: int, lam: float,
@@ -236,7 +178,7 @@ def ease_fit(users: np.ndarray, items: np.ndarray, n_items: int, lam: float,
     max_items: refuse (TooManyItemsError) above this many books.
   """
   ease_check_size(n_items, max_items)
-  return ease_weights(ease_gram(users, items, n_items), lam)
+  return ease_lib.fit(users, items, n_items, lam)
 
 
 def ease_scorer(weights: np.ndarray, eval_set) -> Callable[[dict], tf.Tensor]:

@@ -55,9 +55,6 @@ _ALS_CG = flags.DEFINE_bool(
 _EASE_GRID = flags.DEFINE_list(
     "ease_grid", ["10", "50", "100", "200", "500", "1000", "2000"],
     "EASE lambda candidates, tuned on validation Recall@20.")
-_EASE_MAX_ITEMS = flags.DEFINE_integer(
-    "ease_max_items", peers.EASE_MAX_ITEMS,
-    "EASE refuses corpora with more books (its books x books inverse).")
 _PEER_THREADS = flags.DEFINE_integer(
     "peer_threads", 0, "implicit ALS threads (0 = all cores).")
 METRICS = ("recall@20", "ndcg@20", "recall@100", "ndcg@100", "mrr")
@@ -67,7 +64,8 @@ def _floats(values) -> list[float]:
   return [float(v) for v in values if str(v).strip()]
 
 
-def run_peers(prep, names, seed: int, batch_size: int) -> dict:
+def run_peers(prep, names, seed: int, batch_size: int,
+              ease_max_items: int) -> dict:
   """{peer: test metrics with params, val, grid, seconds} for `names`."""
   out = {}
   if "als" in names:
@@ -78,7 +76,7 @@ def run_peers(prep, names, seed: int, batch_size: int) -> dict:
         seed, batch_size, _PEER_THREADS.value, _ALS_CG.value)
   if "ease" in names:
     out["ease"] = peers.tune_ease(prep, _floats(_EASE_GRID.value), batch_size,
-                                  _EASE_MAX_ITEMS.value)
+                                  ease_max_items)
   for name, result in list(out.items()):
     logging.info("%s test (seed %d, %.1f s): %s params %s", name, seed,
                  result["seconds"], {k: round(float(result[k]), 4) for k in METRICS},
@@ -112,7 +110,8 @@ def main(argv):
     prep = pipeline.start_run(config, model_dir, os.path.join(root, "ingest"))
     if "ease" in peer_names:  # refuse before any tower trains
       try:
-        peers.ease_check_size(len(prep.data.items), _EASE_MAX_ITEMS.value)
+        peers.ease_check_size(len(prep.data.items),
+                              config.train.ease_max_items)
       except peers.TooManyItemsError as e:
         raise SystemExit(f"quality.py: {e}") from e
     variants = tuple(v for v in experiment.VARIANTS
@@ -120,7 +119,8 @@ def main(argv):
     metrics, _, _ = experiment.run(prep, config.tower, config.loss,
                                    config.train, variants, model_dir)
     metrics.update(run_peers(prep, peer_names, seed,
-                             config.train.eval_batch_size))
+                             config.train.eval_batch_size,
+                             config.train.ease_max_items))
     per_seed[seed] = metrics
     with open(os.path.join(model_dir, "metrics_with_peers.json"), "w") as f:
       json.dump(metrics, f, indent=1, default=str)

@@ -272,7 +272,8 @@ def train_flags(dataset: TinyDataset, model_dir, **overrides) -> dict:
   """Flag values of a tiny `tt-mimic train` run, as Python values.
 
   Suitable for `flagsaver.flagsaver(**train_flags(...))`; `as_argv` turns
-  them into command-line arguments.
+  them into command-line arguments. No EASE blend unless asked for
+  (`ease_weights`): tests/training/test_blend_run.py tests it.
   """
   values = dict(
       books_csv=dataset.books_csv, users_csv=dataset.users_csv,
@@ -280,7 +281,7 @@ def train_flags(dataset: TinyDataset, model_dir, **overrides) -> dict:
       min_user_interactions=2, min_item_interactions=2, embedding_dim=8,
       output_dim=8, hidden_units=["16"], history_length=5, title_length=6,
       epochs=2, batch_size=64, eval_max_users=200, recommend_k=0,
-      export=False, verbose=0, patience=2, refit=False,
+      export=False, verbose=0, patience=2, refit=False, ease_weights=[],
       variants=["popularity", "two_tower", "dat_no_cal", "dat"])
   values.update(overrides)
   return values

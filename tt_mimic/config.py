@@ -277,6 +277,25 @@ class TrainConfig(_Checked):
       "most 64). With --norefit the members train dat's best number of "
       "epochs without early stopping, as a refit does.",
       lower=1, upper=4)
+  ease_weights: tuple[float, ...] = setting(
+      (0.1, 0.2, 0.3), "Blend EASE (Steck 2019) into the exported model: "
+      "its scores are added to the towers' as (1-w) towers/s_t + w EASE/s_e "
+      "(s_t, s_e: each model's median per-user score spread), with w chosen "
+      "on validation Recall@20 among these and 0 (the towers alone); EASE is "
+      "fitted on the same events as the towers. Empty = no blend. Skipped "
+      "with a warning above --ease_max_items books.", lower=0.0, upper=1.0,
+      each=float)
+  ease_lambdas: tuple[float, ...] = setting(
+      (50.0, 200.0, 500.0), "EASE's L2 weights tried on validation (EASE "
+      "alone, Recall@20) for the blend.", lower=0.0, each=float)
+  ease_top_k: int = setting(
+      512, "Weights kept per book of EASE's books x books matrix for the "
+      "blend (those of the largest magnitude): the export holds books x "
+      "this (index, weight) pairs, and a user's EASE scores add up this "
+      "many per known book.", lower=1)
+  ease_max_items: int = setting(
+      40_000, "Largest corpus the blend fits EASE on (it inverts a dense "
+      "books x books matrix: 6 GiB at 40,000 books).", lower=1)
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)
@@ -420,7 +439,8 @@ def _plain(value):
 # What a setting whose default changed when it was added did before it
 # existed: a stamp or saved state without it was made with this value, not
 # the default (read by same_settings and features.load_vocabularies).
-BEFORE_SETTING = {"title_standardize": "ascii", "ema_momentum": 0.0,
+BEFORE_SETTING = {"ease_weights": (), "title_standardize": "ascii",
+                  "ema_momentum": 0.0,
                   "train_history": "causal", "interests": 1}
 
 

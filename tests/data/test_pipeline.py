@@ -199,8 +199,9 @@ def test_eval_set_hand_example():
   np.testing.assert_array_equal(val.history, [[5, 3, 2, 1, 0]])
   assert [t.tolist() for t in val.targets] == [[4]]
   batch = next(iter(val.dataset(batch_size=4)))
-  assert set(batch) == {"user_id", "history"}
+  assert set(batch) == {"user_id", "history", "seen"}
   np.testing.assert_array_equal(batch["history"].numpy(), val.history)
+  assert batch["seen"].to_list() == [s.tolist() for s in val.seen]
 
 
 def test_eval_set_uses_only_training_events(dataset_writer):

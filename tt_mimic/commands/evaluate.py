@@ -24,9 +24,13 @@ _VARIANT = flags.DEFINE_enum(
     "variant", "exported",
     ["exported", "popularity"] + list(pipeline.TRAINED_VARIANTS)
     + [v + pipeline.REFIT_SUFFIX for v in ("popularity", "dat")]
-    + [v + pipeline.ENSEMBLE_SUFFIX for v in ("dat", "dat_refit")],
+    + [v + pipeline.ENSEMBLE_SUFFIX for v in ("dat", "dat_refit")]
+    + [v + pipeline.BLEND_SUFFIX for v in (
+        "dat", "dat_refit", "dat" + pipeline.ENSEMBLE_SUFFIX,
+        "dat_refit" + pipeline.ENSEMBLE_SUFFIX)],
     "Variant to evaluate (exported: the one the run exports; *_ensemble: "
-    "the members of --ensemble together).")
+    "the members of --ensemble together; *_ease: the model blended with "
+    "EASE, --ease_weights).")
 
 
 _KS = flags.DEFINE_list(

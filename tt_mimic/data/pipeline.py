@@ -198,8 +198,16 @@ class EvalSet:
     return len(self.users)
 
   def dataset(self, batch_size: int) -> tf.data.Dataset:
+    """Batches of the users' features, and `seen` (ragged [batch, None]: every
+    known book, which an item-item model such as EASE reads)."""
+    lengths = np.fromiter((len(s) for s in self.seen), np.int64,
+                          len(self.seen))
+    books = (np.concatenate(self.seen).astype(np.int64) if len(self.seen)
+             else np.zeros(0, np.int64))
     return tf.data.Dataset.from_tensor_slices(
-        {"user_id": self.user_id, "history": self.history}).batch(batch_size)
+        {"user_id": self.user_id, "history": self.history,
+         "seen": tf.RaggedTensor.from_row_lengths(books, lengths)}
+    ).batch(batch_size)
 
 
 def eval_set(events: pd.DataFrame, split: int, user_id_index: np.ndarray,

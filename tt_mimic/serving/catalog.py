@@ -235,6 +235,14 @@ def history_proxies(embeddings: np.ndarray, base_items: int) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def _blend_tables(serving):
+  """The EASE tables of a blend's serving model (new books have no EASE
+  weights: they score by the towers alone), else None."""
+  if not hasattr(serving, "ease_columns"):
+    return None
+  return serving.ease_columns.numpy(), serving.ease_values.numpy()
+
+
 def add_books(model_dir: str, books_csv: str,
               update_existing: bool = False) -> CatalogResult:
   """Embeds the new books of `books_csv` into a new export version.
@@ -320,7 +328,8 @@ def _add_books(directory: str, books_csv: str,
       items["parent_asin"].to_numpy()[proxies])
 
   # The query part (and its per-user state) of the served version's model.
-  query = recommend.load_serving(directory, version).query
+  serving = recommend.load_serving(directory, version)
+  query = serving.query
   seen = pd.read_parquet(os.path.join(directory, "seen.parquet"),
                          columns=["userId"])
   users = seen["userId"].drop_duplicates().to_numpy(dtype=str)
@@ -337,7 +346,7 @@ def _add_books(directory: str, books_csv: str,
     index_info = export.build_indexes(
         query, embeddings, items["parent_asin"].to_numpy(),
         items["train_count"].to_numpy(np.float64), config, staging,
-        queries.numpy())
+        queries.numpy(), _blend_tables(serving))
     items.to_parquet(os.path.join(staging, "items.parquet"))
     np.save(os.path.join(staging, "embeddings.npy"), embeddings)
     history = info.get("catalog", {})

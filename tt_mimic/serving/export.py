@@ -51,6 +51,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tt_mimic.config import ExportConfig
+from tt_mimic.model import ease as ease_lib
 from tt_mimic.serving import recommender as recommend
 from tt_mimic.training import pipeline
 
@@ -109,9 +110,14 @@ class QueryModule(tf.Module):
   """
 
   def __init__(self, user_tower, users, items, user_id_index, seen_items,
-               seen_splits, history_length: int):
-    """`seen_items`, `seen_splits`: see `user_seen`."""
+               seen_splits, history_length: int,
+               tower_scale: float | None = None):
+    """`seen_items`, `seen_splits`: see `user_seen`. `tower_scale`: the
+    factor of a blend with EASE (model.ease.Blend): the embedding is the
+    towers' times it, and `books` (each user's known books, which EASE
+    reads) is returned beside it."""
     super().__init__()
+    self.tower_scale = tower_scale
     self.user_lookup = tf.keras.layers.StringLookup(
         vocabulary=list(users), mask_token=None, num_oov_indices=1)
     self.item_lookup = tf.keras.layers.StringLookup(
@@ -140,7 +146,8 @@ class QueryModule(tf.Module):
 
   def _embed(self, user_id, history):
     user = self.user_lookup(user_id)
-    given = compact_history(self.item_lookup(history), self.history_length)
+    looked_up = self.item_lookup(history)
+    given = compact_history(looked_up, self.history_length)
     use_given = tf.reduce_any(given != 0, axis=1)
     stored = self._stored_history(user)
     hist = tf.where(use_given[:, None], given, stored)
@@ -148,7 +155,25 @@ class QueryModule(tf.Module):
     embedding, _ = self.tower({
         "user_id": tf.cast(tf.gather(self.user_id_index, user), tf.int64),
         "history": hist})
-    return {"embedding": embedding, "known": known}
+    if self.tower_scale is None:
+      return {"embedding": embedding, "known": known}
+    # A blend: EASE reads every known book (the given history replaces the
+    # stored books, as it does for the towers).
+    stored_books = self._books(user)
+    width = tf.maximum(tf.shape(looked_up)[1], tf.shape(stored_books)[1])
+    pad = lambda x: tf.pad(x, [[0, 0], [0, width - tf.shape(x)[1]]])  # noqa: E731
+    books = tf.where(use_given[:, None], pad(tf.cast(looked_up, tf.int64)),
+                     pad(stored_books))
+    return {"embedding": embedding * self.tower_scale, "known": known,
+            "books": books}
+
+  def _books(self, user):
+    """[batch, longest] the users' stored books (corpus indices, 0 = pad)."""
+    start, end = self._rows(user)
+    rows = tf.RaggedTensor.from_row_lengths(
+        tf.gather(self.seen_items, tf.ragged.range(start, end).flat_values),
+        end - start)
+    return tf.cast(rows.to_tensor(0), tf.int64)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
   def serving_default(self, user_id):
@@ -163,11 +188,8 @@ class QueryModule(tf.Module):
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
   def seen(self, user_id):
     """[batch, longest] the users' known books (corpus indices, 0 = pad)."""
-    start, end = self._rows(self.user_lookup(user_id))
-    rows = tf.RaggedTensor.from_row_lengths(
-        tf.gather(self.seen_items, tf.ragged.range(start, end).flat_values),
-        end - start)
-    return {"items": rows.to_tensor(0)}
+    return {"items": tf.cast(self._books(self.user_lookup(user_id)),
+                             tf.int32)}
 
 
 def user_seen(events: pd.DataFrame, num_users: int
@@ -266,9 +288,16 @@ class _Retrieval(tf.Module):
   """A top-k layer over the corpus, exclusions and the popularity fallback.
 
   The layer's identifiers are corpus indices; answers carry parent_asins.
+
+  With `blend` (EASE's tables, model.ease.sparse_rows, values already
+  weighted) a book's score is the towers' plus EASE's for the user's
+  `books`. `exact`: over the whole corpus (brute force); else the layer's
+  top books and EASE's own top `retrieve` books, re-scored exactly (the
+  corpus `vectors` are kept for that).
   """
 
-  def __init__(self, layer, asins, popular_ids, popular_scores, k, retrieve):
+  def __init__(self, layer, asins, popular_ids, popular_scores, k, retrieve,
+               blend=None, vectors=None, exact: bool = True):
     super().__init__()
     self.layer = layer
     # asins[0] = "" (no book): corpus index i is asins[i].
@@ -276,21 +305,72 @@ class _Retrieval(tf.Module):
     self.popular_ids = tf.constant(popular_ids)
     self.popular_scores = tf.constant(popular_scores, tf.float32)
     self.k, self.retrieve = k, retrieve
+    self.blended = blend is not None
+    if self.blended:
+      self.ease_columns = tf.Variable(blend[0], trainable=False)
+      self.ease_values = tf.Variable(blend[1], trainable=False)
+      # Row i - 1 is corpus index i.
+      self.vectors = tf.Variable(np.asarray(vectors, np.float32),
+                                 trainable=False)
+      self.exact = exact
 
-  def _answer(self, embedding, known, exclude):
-    """`embedding`: [batch, dim] or, for a model with several interests,
-    [batch, interests, dim]: each retrieves its top books and a book scores
-    its best over them (exact for brute force: a book in the top k by its
-    best score is in the top k of the vector that gives it)."""
+  def _tower_scores(self, embedding, rows):
+    """[batch, n] a book's best inner product over the user's vectors, for
+    the books `rows` ([batch, n] corpus indices, or None: every book)."""
+    query = embedding if embedding.shape.rank == 3 else embedding[:, None]
+    query = tf.cast(query, tf.float32)
+    if rows is None:
+      scores = tf.einsum("bkd,nd->bkn", query, self.vectors)
+    else:
+      scores = tf.einsum("bkd,bnd->bkn", query,
+                         tf.gather(self.vectors, rows - 1))
+    return tf.reduce_max(scores, axis=1)
+
+  def _blend_search(self, embedding, books):
+    """(scores, rows) of a blend: towers + EASE (see the class)."""
+    n = tf.shape(self.vectors)[0]
+    ease = ease_lib.scores(self.ease_columns, self.ease_values, books, n)[:, 1:]
+    if self.exact:
+      scores, top = tf.math.top_k(self._tower_scores(embedding, None) + ease,
+                                  k=self.retrieve)
+      return scores, top + 1
+    found, rows = self._layer_search(embedding)
+    _, ease_top = tf.math.top_k(ease, k=self.retrieve)
+    rows = tf.cast(rows, tf.int32)
+    # ScaNN's padding (NaN scores) holds no book.
+    rows = tf.where(tf.math.is_nan(found) | (rows < 1) | (rows > n),
+                    tf.zeros_like(rows), rows)
+    rows = tf.concat([rows, ease_top + 1], axis=1)
+    safe = tf.maximum(rows, 1)
+    scores = (self._tower_scores(embedding, safe)
+              + tf.gather(ease, safe - 1, batch_dims=1))
+    scores = tf.where(rows > 0, scores, tf.constant(-np.inf, scores.dtype))
+    # A book both found counts once.
+    return best_per_book(scores, rows), rows
+
+  def _layer_search(self, embedding):
+    """(scores, rows): the layer's top books for [batch, dim] embeddings,
+    or for [batch, interests, dim] each vector's top books side by side
+    with a book's repeats at -inf (`best_per_book`)."""
     if embedding.shape.rank == 3:
       shape = tf.shape(embedding)
       scores, rows = self.layer(tf.reshape(embedding, [-1, shape[2]]),
                                 k=self.retrieve)
       # [batch, interests x retrieve]: every vector's books side by side.
       rows = tf.reshape(rows, [shape[0], -1])
-      scores = best_per_book(tf.reshape(scores, [shape[0], -1]), rows)
+      return best_per_book(tf.reshape(scores, [shape[0], -1]), rows), rows
+    return self.layer(embedding, k=self.retrieve)
+
+  def _answer(self, embedding, known, exclude, books=None):
+    """`embedding`: [batch, dim] or, for a model with several interests,
+    [batch, interests, dim]: each retrieves its top books and a book scores
+    its best over them (exact for brute force: a book in the top k by its
+    best score is in the top k of the vector that gives it). `books`: a
+    blend's known books per user (corpus indices, 0 = pad)."""
+    if self.blended:
+      scores, rows = self._blend_search(embedding, books)
     else:
-      scores, rows = self.layer(embedding, k=self.retrieve)
+      scores, rows = self._layer_search(embedding)
     ids = tf.gather(self.asins, tf.cast(rows, tf.int32))
     ids, scores = _drop_excluded(ids, scores, exclude, self.k)
     pop_ids, pop_scores = _popular(self.popular_ids, self.popular_scores,
@@ -310,13 +390,16 @@ class IndexModule(_Retrieval):
   with several interests (`interests` > 1).
   """
 
-  def __init__(self, *args, interests: int = 1):
-    super().__init__(*args)
+  def __init__(self, *args, interests: int = 1, **kwargs):
+    super().__init__(*args, **kwargs)
     shape = [None, None] if interests == 1 else [None, interests, None]
-    self.search = tf.function(self._answer, input_signature=[
-        tf.TensorSpec(shape, tf.float32, "embedding"),
-        tf.TensorSpec([None], tf.bool, "known"),
-        tf.TensorSpec([None, None], tf.string, "exclude")])
+    spec = [tf.TensorSpec(shape, tf.float32, "embedding"),
+            tf.TensorSpec([None], tf.bool, "known"),
+            tf.TensorSpec([None, None], tf.string, "exclude")]
+    if self.blended:
+      # The query's `books`: what EASE reads.
+      spec.append(tf.TensorSpec([None, None], tf.int64, "books"))
+    self.search = tf.function(self._answer, input_signature=spec)
 
 
 class ServingModule(_Retrieval):
@@ -328,15 +411,16 @@ class ServingModule(_Retrieval):
   """
 
   def __init__(self, query, layer, asins, popular_ids, popular_scores, k,
-               retrieve):
-    super().__init__(layer, asins, popular_ids, popular_scores, k, retrieve)
+               retrieve, **kwargs):
+    super().__init__(layer, asins, popular_ids, popular_scores, k, retrieve,
+                     **kwargs)
     self.query = query
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "user_id")])
   def serving_default(self, user_id):
     q = self.query.serving_default(user_id)
     seen = tf.gather(self.asins, self.query.seen(user_id)["items"])
-    return self._answer(q["embedding"], q["known"], seen)
+    return self._answer(q["embedding"], q["known"], seen, q.get("books"))
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, "user_id"),
@@ -344,7 +428,7 @@ class ServingModule(_Retrieval):
       tf.TensorSpec([None, None], tf.string, "exclude")])
   def with_history(self, user_id, history, exclude):
     q = self.query.with_history(user_id, history)
-    return self._answer(q["embedding"], q["known"], exclude)
+    return self._answer(q["embedding"], q["known"], exclude, q.get("books"))
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, "user_id"),
@@ -369,7 +453,8 @@ STAGED_SERVING = "serving_model"  # where build_indexes saves it
 
 def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
                   popularity: np.ndarray, config: ExportConfig,
-                  directory: str, queries: np.ndarray | None = None) -> dict:
+                  directory: str, queries: np.ndarray | None = None,
+                  blend: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
   """Builds, saves and cross-checks the serving model and the ScaNN index.
 
   Args:
@@ -384,6 +469,9 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
     queries: [m, dim] user embeddings to measure ScaNN against brute force
       (default: a sample of the candidate embeddings); [m, interests, dim]
       for a model with several interests (the index then takes that shape).
+    blend: EASE's (columns, values) when `query` is a blend's
+      (model.ease.Blend): both indexes then add EASE's scores; brute force
+      exactly, ScaNN by re-scoring its top books and EASE's.
 
   Returns:
     Sizes, ScaNN parameters, every ScaNN build's agreement with brute force.
@@ -398,8 +486,9 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
   pop_ids, pop_scores = identifiers[order].astype(str), popularity[order] / total
   brute = tfrs.layers.factorized_top_k.BruteForce(k=retrieve)
   brute.index(vectors, rows)
+  blended = {} if blend is None else {"blend": blend, "vectors": embeddings}
   serving = ServingModule(query, brute, identifiers, pop_ids, pop_scores, k,
-                          retrieve)
+                          retrieve, **blended)
   _save(serving, os.path.join(directory, STAGED_SERVING))
   interests = 1 if queries is None or np.ndim(queries) == 2 else int(
       np.shape(queries)[1])
@@ -419,7 +508,8 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
   info["scann_build_seconds"] = round(sum(
       t["build_seconds"] for t in info["scann_tuning"]), 2)
   scann_module = IndexModule(scann_layer, identifiers, pop_ids, pop_scores, k,
-                             retrieve, interests=interests)
+                             retrieve, interests=interests, exact=False,
+                             **blended)
   _save(scann_module, os.path.join(directory, "index_scann"),
         SCANN_SAVE_OPTIONS)
   return info
@@ -551,9 +641,11 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
   os.makedirs(directory, exist_ok=True)
   data = prep.data
   seen_items, seen_splits = user_seen(data.events, len(data.users))
+  blend = built.blend
   query = QueryModule(built.user_tower, data.users, data.items["parent_asin"],
                       prep.user_id_index, seen_items, seen_splits,
-                      prep.feature_config.history_length)
+                      prep.feature_config.history_length,
+                      None if blend is None else blend.tower_scale)
   candidate = CandidateModule(prep.preprocessor, built.item_tower,
                               prep.item_table["id"])
   _save(candidate, os.path.join(directory, "candidate"))
@@ -573,9 +665,12 @@ def export_run(model_dir: str, prep: pipeline.Prepared, built: pipeline.Built,
   queries = query.serving_default(
       tf.constant(data.users[sample].astype(str)))["embedding"].numpy()
   _remove(os.path.join(directory, STAGED_SERVING))
-  info = build_indexes(query, embeddings, items["parent_asin"].to_numpy(),
-                       items["train_count"].to_numpy(np.float64), config,
-                       directory, queries)
+  info = build_indexes(
+      query, embeddings, items["parent_asin"].to_numpy(),
+      items["train_count"].to_numpy(np.float64), config, directory, queries,
+      None if blend is None else (blend.columns, blend.values))
+  if blend is not None:
+    info["blend"] = blend.info
   # Versions of the earlier export (catalog's, and the old layout's
   # directories) belong to another model: removed only now, so that a
   # server keeps answering from them while this export is built.

@@ -256,8 +256,10 @@ class Recommender:
 
       def predict(user_id, history, exclude):
         q = query(user_id=user_id, history=history)
+        # A blend's index also reads the user's books (what EASE scores).
+        books = {"books": q["books"]} if "books" in q else {}
         return search(embedding=q["embedding"], known=q["known"],
-                      exclude=exclude)
+                      exclude=exclude, **books)
 
       self._predict = predict
     items = pd.read_parquet(os.path.join(here, "items.parquet"))

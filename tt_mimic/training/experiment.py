@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 from absl import logging
 
@@ -19,6 +20,8 @@ from tt_mimic.config import LossConfig
 from tt_mimic.config import TowerConfig
 from tt_mimic.config import TrainConfig
 from tt_mimic.config import VARIANTS  # noqa: F401  (re-exported)
+from tt_mimic.model import ease as ease_lib
+from tt_mimic.training import blend as blend_lib
 from tt_mimic.training import evaluation
 from tt_mimic.training import pipeline
 from tt_mimic.training import trainer
@@ -40,7 +43,9 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   events ("dat_refit", with "popularity_refit" beside it). With
   `train.ensemble` = N > 1, the exported one of the two is trained N - 1
   more times with other seeds ("dat_refit_2", ...) and their ensemble is
-  evaluated ("dat_refit_ensemble").
+  evaluated ("dat_refit_ensemble"). With `train.ease_weights`, the exported
+  model blended with EASE (training.blend) is evaluated as well
+  ("<exported>_ease") when validation prefers it to the towers alone.
 
   metrics: {variant: {metric: value}} on the test split.
   results: {variant: result dict with history} for trained variants.
@@ -66,6 +71,8 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   if train.ensemble > 1 and "dat" in results:
     _ensemble(prep, tower, loss, train, model_dir, metrics, results, built,
               chief_dir)
+  if train.ease_weights and "dat" in results:
+    _blend(prep, train, model_dir, metrics, built)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   logging.info("Test metrics (full corpus, %d users, split %s)\n%s",
@@ -124,6 +131,33 @@ def _ensemble(prep, tower, loss, train, model_dir, metrics, results, built,
   built[name] = pipeline.ensemble(members)
   metrics[name] = pipeline.test_metrics(
       pipeline.model_scorer(built[name], len(view.data.items)), view,
+      train.eval_batch_size)
+
+
+def _blend(prep, train, model_dir, metrics, built):
+  """The exported model blended with EASE, chosen on validation with dat."""
+  stem = pipeline.exported_stem(train)
+  name = stem + (pipeline.ENSEMBLE_SUFFIX if train.ensemble > 1 else "")
+  if name not in built:
+    name = stem if stem in built else "dat"
+  view = pipeline.view_for(prep, train, name)
+  # A blend of an earlier run is of other towers: never exported again.
+  variants = os.path.join(model_dir, "variants")
+  for old in os.listdir(variants) if os.path.isdir(variants) else ():
+    if old.endswith(pipeline.BLEND_SUFFIX):
+      shutil.rmtree(os.path.join(variants, old))
+  try:
+    blended = blend_lib.fit(prep, view, built["dat"], built[name], train)
+  except ease_lib.TooManyItemsError as e:
+    logging.warning("No EASE blend: %s The run exports the towers.", e)
+    return
+  if blended is None:
+    return
+  name += pipeline.BLEND_SUFFIX
+  blend_lib.save(blended.blend, model_dir, name)
+  built[name] = blended
+  metrics[name] = pipeline.test_metrics(
+      pipeline.model_scorer(blended, len(view.data.items)), view,
       train.eval_batch_size)
 
 

@@ -8,7 +8,8 @@ sequence and evaluation sets. A run directory stands on its own:
   run.json           where the run's ingested artifacts are (inside the run)
   ingest/<key>/      the ingested artifacts (copied in from an outside cache)
   preprocessing/     the adapted vocabularies and the item feature table
-  variants/<name>/   each variant's best weights (see `trainer`)
+  variants/<name>/   each variant's best weights (see `trainer`); for
+                     `<exported>_ease`, the EASE blend (`training.blend`)
 
 so `open_run` rebuilds a finished run without the source CSVs, and
 `load_variant` restores a trained variant's towers.
@@ -41,6 +42,7 @@ from tt_mimic.data import features
 from tt_mimic.data import ingest
 from tt_mimic.data import pipeline as data_lib
 from tt_mimic.model import dat as model_lib
+from tt_mimic.model import ease as ease_lib
 from tt_mimic.model import ensemble as ensemble_lib
 from tt_mimic.model import towers
 from tt_mimic.progress import Progress
@@ -52,6 +54,9 @@ PREPROCESSING_DIR = "preprocessing"
 TRAINED_VARIANTS = ("id_only", "two_tower", "dat_no_cal", "dat")
 REFIT_SUFFIX = "_refit"
 ENSEMBLE_SUFFIX = "_ensemble"
+BLEND_SUFFIX = "_ease"
+BLEND_TABLES = "blend.npz"
+BLEND_INFO = "blend.json"
 
 
 class RunError(FileNotFoundError):
@@ -317,12 +322,14 @@ def open_run(model_dir: str) -> tuple[RunConfig, Prepared]:
 @dataclasses.dataclass
 class Built:
   """A variant's towers (`model` is None for an ensemble, whose towers
-  combine its `members`' (model.ensemble))."""
+  combine its `members`' (model.ensemble)); `blend`, EASE added to their
+  scores (model.ease)."""
   model: model_lib.DATModel | None
   user_tower: towers.UserTower | ensemble_lib.EnsembleUserTower
   item_tower: towers.ItemTower | ensemble_lib.EnsembleItemTower
   encoder: model_lib.ItemIndexEncoder | ensemble_lib.EnsembleEncoder
   members: tuple = ()
+  blend: ease_lib.Blend | None = None
 
 
 def ensemble(members) -> Built:
@@ -350,11 +357,13 @@ def member_seed(seed: int, member: int) -> int:
 def parse_variant(name: str) -> tuple[str, bool, int, bool]:
   """(trained variant, refit, member, ensemble) of a model's name, e.g.
   'dat_refit_2' -> ('dat', True, 2, False), 'dat_refit_ensemble' ->
-  ('dat', True, 1, True).
+  ('dat', True, 1, True). A blend's name (`<model>_ease`) reads as its
+  towers'.
 
   Raises:
     ValueError: the name is not a trained variant's.
   """
+  name = name.removesuffix(BLEND_SUFFIX)
   ensemble = name.endswith(ENSEMBLE_SUFFIX)
   stem = name.removesuffix(ENSEMBLE_SUFFIX)
   head, _, tail = stem.rpartition("_")
@@ -367,7 +376,7 @@ def parse_variant(name: str) -> tuple[str, bool, int, bool]:
     raise ValueError(f"{name!r} is not a trained variant; expected one of "
                      f"{TRAINED_VARIANTS}, optionally with {REFIT_SUFFIX!r}, "
                      "then a member number (_2, _3, ...) or "
-                     f"{ENSEMBLE_SUFFIX!r}.")
+                     f"{ENSEMBLE_SUFFIX!r}, then {BLEND_SUFFIX!r}.")
   return base, stem.endswith(REFIT_SUFFIX), member, ensemble
 
 
@@ -452,12 +461,20 @@ def load_variant(model_dir: str, config: RunConfig, prep: Prepared,
                  name: str = "dat") -> Built:
   """A trained variant of a run (a name `parse_variant` reads), with its
   best weights; an ensemble's name gives its `config.train.ensemble`
-  members together.
+  members together, and `<model>_ease` the model blended with EASE.
 
   Raises:
-    RunError: the variant (or a member) has no best weights.
+    RunError: the variant (or a member, or the blend) was not trained.
   """
   base, refit, member, whole = parse_variant(name)
+  if name.endswith(BLEND_SUFFIX):
+    if not has_blend(model_dir, name):
+      raise RunError(f"{blend_path(model_dir, name)} not found: the run in "
+                     f"{model_dir} has no '{name}' (it is trained with "
+                     "--ease_weights when validation prefers it).")
+    built = load_variant(model_dir, config, prep,
+                         name.removesuffix(BLEND_SUFFIX))
+    return dataclasses.replace(built, blend=load_blend(model_dir, name))
   if refit != (len(prep.fit_splits) > 1):
     raise ValueError(f"{name!r} needs the prepared data it was fitted on "
                      "(pipeline.refit_view for a refit variant).")
@@ -492,6 +509,22 @@ def has_weights(model_dir: str, name: str) -> bool:
   return os.path.exists(best_weights(model_dir, name) + ".index")
 
 
+def blend_path(model_dir: str, name: str, what: str = BLEND_TABLES) -> str:
+  """A file of the blend `name` (`<model>_ease`): its tables or its info."""
+  return os.path.join(model_dir, "variants", name, what)
+
+
+def has_blend(model_dir: str, name: str) -> bool:
+  return all(os.path.exists(blend_path(model_dir, name, what))
+             for what in (BLEND_TABLES, BLEND_INFO))
+
+
+def load_blend(model_dir: str, name: str) -> ease_lib.Blend:
+  with open(blend_path(model_dir, name, BLEND_INFO)) as f:
+    info = json.load(f)
+  return ease_lib.Blend.load(blend_path(model_dir, name), info)
+
+
 def exported_stem(train_config: TrainConfig) -> str:
   """The variant a run's config exports, before any ensemble: dat's refit
   with --refit, else dat."""
@@ -501,7 +534,9 @@ def exported_stem(train_config: TrainConfig) -> str:
 def exported_variant(model_dir: str) -> str:
   """The model a run exports, as its config asks: dat's refit (with
   --refit, once trained), else dat; with --ensemble=N > 1 and every member
-  trained, their ensemble (else, with a warning, the first member)."""
+  trained, their ensemble (else, with a warning, the first member); with
+  --ease_weights and a blend that validation chose, that model blended with
+  EASE."""
   config = read_config(model_dir).train
   stem = exported_stem(config)
   if not has_weights(model_dir, stem):
@@ -510,12 +545,19 @@ def exported_variant(model_dir: str) -> str:
     missing = [member_name(stem, i) for i in range(2, config.ensemble + 1)
                if not has_weights(model_dir, member_name(stem, i))]
     if not missing:
-      return stem + ENSEMBLE_SUFFIX
+      return _blended(model_dir, config, stem + ENSEMBLE_SUFFIX)
     logging.warning("%s asks for --ensemble=%d but %s not trained: the run "
                     "exports %s alone.", model_dir, config.ensemble,
                     ", ".join(missing) + (" is" if len(missing) == 1
                                           else " are"), stem)
-  return stem
+  return _blended(model_dir, config, stem)
+
+
+def _blended(model_dir: str, config: TrainConfig, name: str) -> str:
+  """`name` blended with EASE when the run asks for it and has it."""
+  if config.ease_weights and has_blend(model_dir, name + BLEND_SUFFIX):
+    return name + BLEND_SUFFIX
+  return name
 
 
 def view_for(prep: Prepared, train_config: TrainConfig,
@@ -559,12 +601,31 @@ def test_metrics(score_fn, prep: Prepared, batch_size: int,
   return metrics
 
 
+def batch_seen(batch: dict) -> tf.Tensor:
+  """[batch, L] the known books of an evaluation batch's users (0 = pad)."""
+  seen = batch["seen"]
+  return seen.to_tensor(0) if isinstance(seen, tf.RaggedTensor) else seen
+
+
+def ease_scorer(columns, values, num_items: int) -> callable:
+  """EASE's scores of an evaluation batch's users (from their `seen`)."""
+  columns, values = tf.constant(columns), tf.constant(values)
+  return lambda batch: ease_lib.scores(  # noqa: E731
+      columns, values, batch_seen(batch), num_items)
+
+
 def model_scorer(built: Built, num_items: int,
                  embeddings: np.ndarray | None = None) -> callable:
   """Scores users against the corpus; `embeddings` as from `item_embeddings`
   (computed here when not given). An ensemble adds up its members' scores
   (the same scores as its combined query vectors, at a fraction of the
-  cost)."""
+  cost); a blend adds EASE's to the towers'."""
+  if built.blend is not None:
+    towers = model_scorer(dataclasses.replace(built, blend=None), num_items,
+                          embeddings)
+    ease = ease_scorer(built.blend.columns, built.blend.values, num_items)
+    scale = built.blend.tower_scale
+    return lambda batch: scale * towers(batch) + ease(batch)  # noqa: E731
   if built.members:
     widths = [m.user_tower.config.output_dim for m in built.members]
     parts = (np.split(embeddings, np.cumsum(widths)[:-1], axis=1)

@@ -347,8 +347,10 @@ def resumed_epoch(backup_dir: str) -> int:
 # which variants the run trains, whether dat is refit afterwards (a refit
 # is a variant of its own, stamped with its refit_epochs; so a run made
 # with --norefit resumes with --refit) and how many members the exported
-# model has (each member is a variant of its own, stamped with its seed).
-_NOT_SHAPING = ("verbose", "variants", "refit", "ensemble")
+# model has (each member is a variant of its own, stamped with its seed),
+# nor the EASE blend, fitted after the towers.
+_NOT_SHAPING = ("verbose", "variants", "refit", "ensemble", "ease_weights",
+                "ease_lambdas", "ease_top_k", "ease_max_items")
 
 
 def _shaping(settings: dict) -> dict:

@@ -1,0 +1,76 @@
+"""EASE's closed form and its sparse tables (tt_mimic.model.ease)."""
+
+import numpy as np
+import pytest
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tt_mimic.model import ease
+
+
+def _pairs(seed=0, users=40, items=12, per_user=4):
+  rng = np.random.default_rng(seed)
+  u = np.repeat(np.arange(users), per_user)
+  i = np.concatenate([rng.choice(items, per_user, replace=False)
+                      for _ in range(users)])
+  return u, i
+
+
+def test_fit_is_steck_closed_form():
+  users, items = _pairs()
+  x = np.zeros((40, 12))
+  x[users, items] = 1.0
+  p = np.linalg.inv(x.T @ x + 7.0 * np.eye(12))
+  expected = np.eye(12) - p / np.diag(p)[None, :]
+  np.fill_diagonal(expected, 0.0)
+  got = ease.fit(users, items, 12, 7.0)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  assert np.all(np.diag(got) == 0.0)
+
+
+def test_full_tables_give_the_dense_scores():
+  users, items = _pairs(1)
+  weights = ease.fit(users, items, 12, 3.0)
+  columns, values = ease.sparse_rows(weights, 12)
+  books = np.array([[3, 5, 0, 0], [12, 1, 1, 0]])  # corpus indices, 0 = pad
+  got = ease.scores(columns, values, books, 12).numpy()
+  expected = np.zeros((2, 13), np.float32)
+  expected[0, 1:] = weights[2] + weights[4]
+  expected[1, 1:] = weights[11] + weights[0]  # book 1 twice counts once
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_sparse_rows_keep_the_largest_magnitudes():
+  weights = np.array([[0.0, -3.0, 1.0, 0.5],
+                      [2.0, 0.0, -0.1, 0.2],
+                      [0.3, 0.4, 0.0, -0.9],
+                      [1.0, 1.0, 1.0, 0.0]], np.float32)
+  columns, values = ease.sparse_rows(weights, 2)
+  assert columns.shape == values.shape == (5, 2)
+  assert not columns[0].any() and not values[0].any()
+  kept = {j: dict(zip(columns[j + 1].tolist(), values[j + 1].tolist()))
+          for j in range(3)}
+  assert kept[0] == {2: -3.0, 3: 1.0}
+  assert kept[1] == pytest.approx({1: 2.0, 4: 0.2})
+  assert kept[2] == pytest.approx({2: 0.4, 4: -0.9})
+
+
+def test_books_beyond_the_tables_score_nothing_and_count_nothing():
+  users, items = _pairs(2)
+  columns, values = ease.sparse_rows(ease.fit(users, items, 12, 3.0), 5)
+  # A corpus grown to 15 books (a catalogue's additions): they neither
+  # vote nor get votes, and the padding column stays 0.
+  books = tf.constant([[13, 2, 15], [14, 0, 0]], tf.int64)
+  got = ease.scores(columns, values, books, 15).numpy()
+  alone = ease.scores(columns, values, tf.constant([[2]], tf.int64),
+                      15).numpy()
+  np.testing.assert_allclose(got[0], alone[0], atol=1e-6)
+  assert not got[1].any()
+  assert not got[:, 0].any() and not got[:, 13:].any()
+
+
+def test_the_cap_names_the_flag():
+  with pytest.raises(ease.TooManyItemsError, match="--ease_max_items"):
+    ease.check_size(101, 100, "--ease_max_items")
+  ease.check_size(100, 100, "--ease_max_items")

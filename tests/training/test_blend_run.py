@@ -1,0 +1,168 @@
+"""--ease_weights: the exported towers blended with EASE, chosen on
+validation, evaluated, exported and served as one model."""
+
+import json
+import os
+import shutil
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tt_mimic.commands import evaluate as evaluate_command
+from tt_mimic.commands import train
+from tt_mimic.config import ExportConfig
+from tt_mimic.serving import catalog
+from tt_mimic.serving import export
+from tt_mimic.serving import recommender
+from tt_mimic.training import blend as blend_lib
+from tt_mimic.training import pipeline
+
+import tiny_data
+
+FLAGS = flags.FLAGS
+WEIGHTS = (0.3, 1.0)
+
+
+@pytest.fixture(scope="module")
+def blend_run(tmp_path_factory):
+  """dat and its refit, blended with EASE (two lambdas, two weights)."""
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+  root = tmp_path_factory.mktemp("blend")
+  dataset = tiny_data.write_dataset(root, "small")
+  model_dir = str(root / "run")
+  values = tiny_data.train_flags(
+      dataset, model_dir, epochs=2, patience=0, variants=["popularity", "dat"],
+      refit=True, interests=2, ease_weights=[str(w) for w in WEIGHTS],
+      ease_lambdas=["5", "50"], ease_top_k=30)
+  with flagsaver.flagsaver(**values):
+    train.main(["train"])
+  return model_dir
+
+
+def _json(*parts):
+  with open(os.path.join(*parts)) as f:
+    return json.load(f)
+
+
+def test_the_weight_is_the_best_on_validation(blend_run):
+  metrics = _json(blend_run, "metrics.json")
+  name = "dat_refit" + pipeline.BLEND_SUFFIX
+  assert pipeline.has_blend(blend_run, name) == (name in metrics)
+  if name not in metrics:
+    # Validation preferred the towers alone: nothing blended is exported.
+    assert pipeline.exported_variant(blend_run) == "dat_refit"
+    pytest.skip("validation chose the towers alone on this data")
+  info = _json(blend_run, "variants", name, pipeline.BLEND_INFO)
+  grid = {g["w"]: g["recall@20"] for g in info["weights"]}
+  assert sorted(grid) == [0.0, *WEIGHTS]
+  assert info["w"] > 0 and grid[info["w"]] == max(grid.values())
+  assert info["val_recall@20"] == grid[info["w"]]
+  lambdas = {g["lambda"]: g["recall@20"] for g in info["lambdas"]}
+  assert sorted(lambdas) == [5.0, 50.0]
+  assert lambdas[info["lambda"]] == max(lambdas.values())
+  assert info["spread_towers"] > 0 and info["spread_ease"] > 0
+  assert pipeline.exported_variant(blend_run) == name
+  # `tt-mimic evaluate` reloads the blend and reproduces its test metrics.
+  with flagsaver.flagsaver(model_dir=blend_run, eval_split="test",
+                           variant="exported"):
+    evaluate_command.main(["evaluate"])
+  evaluated = _json(blend_run, f"evaluate_{name}_test.json")
+  for metric in ("recall@20", "ndcg@20", "mrr"):
+    assert evaluated[metric] == pytest.approx(metrics[name][metric],
+                                              abs=1e-6), metric
+
+
+def test_a_run_without_the_blend_never_exports_an_old_one(blend_run, tmp_path):
+  copy = str(tmp_path / "run")
+  shutil.copytree(blend_run, copy)
+  name = "dat_refit" + pipeline.BLEND_SUFFIX
+  blend_lib.save(_forced(copy, 0.5).blend, copy, name)
+  config = json.loads(open(os.path.join(copy, "config.json")).read())
+  assert pipeline.exported_variant(copy) == name
+  config["train"]["ease_weights"] = []
+  with open(os.path.join(copy, "config.json"), "w") as f:
+    json.dump(config, f)
+  assert pipeline.exported_variant(copy) == "dat_refit"
+
+
+def _forced(model_dir: str, w: float) -> pipeline.Built:
+  """The run's dat_refit blended with EASE at weight `w` (whatever
+  validation chose), as training builds it."""
+  config, prep = pipeline.open_run(model_dir)
+  view = pipeline.refit_view(prep, config.train)
+  towers = pipeline.load_variant(model_dir, config, view, "dat_refit")
+  columns, values = blend_lib.ease_tables(view, 5.0, 30)
+  parts = blend_lib._Parts(towers, columns, values, view.val,  # pylint: disable=protected-access
+                           len(view.data.items), 64, {"lambda": 5.0})
+  return parts.blend(w)
+
+
+def test_the_export_serves_the_blend_it_evaluates(blend_run, tmp_path):
+  copy = str(tmp_path / "run")
+  shutil.copytree(blend_run, copy)
+  shutil.rmtree(os.path.join(copy, "export"), ignore_errors=True)
+  config, prep = pipeline.open_run(copy)
+  view = pipeline.refit_view(prep, config.train)
+  built = _forced(copy, 0.5)
+  assert 0 < built.blend.tower_scale
+  export.export_run(copy, view, built, ExportConfig(k=20, max_exclusions=30),
+                    model="dat_refit_ease")
+  info = _json(copy, "export", "export.json")
+  assert info["blend"]["w"] == 0.5
+  # Anonymous users with a given history: the towers read its latest
+  # books, EASE all of them.
+  items = view.data.items["parent_asin"].to_numpy(dtype=str)
+  test = view.test
+  rows = range(0, min(len(test), 24), 3)
+  histories = [items[np.asarray(test.seen[r]) - 1].tolist() for r in rows]
+  serving = tf.saved_model.load(recommender.serving_path(
+      os.path.join(copy, "export"), 1))
+  width = max(len(h) for h in histories)
+  padded = tf.constant([h + [""] * (width - len(h)) for h in histories])
+  got = serving.signatures["with_history"](
+      user_id=tf.constant([""] * len(histories)), history=padded,
+      exclude=tf.constant([[""]] * len(histories)))
+  scorer = pipeline.model_scorer(built, len(items))
+  h = view.feature_config.history_length
+  seen = [np.asarray(test.seen[r], np.int64) for r in rows]
+  batch = {"user_id": tf.zeros([len(seen)], tf.int64),
+           "history": tf.constant(np.stack([
+               np.pad(s[::-1][:h], (0, max(0, h - len(s)))) for s in seen])),
+           "seen": tf.ragged.constant(seen, dtype=tf.int64)}
+  expected = scorer(batch).numpy()
+  expected[:, 0] = -np.inf
+  index = {a: i + 1 for i, a in enumerate(items)}
+  recs = recommender.Recommender(copy, index="scann")
+  for i, history in enumerate(histories):
+    ids = [a.decode() for a in got["parent_asin"].numpy()[i]]
+    scores = got["scores"].numpy()[i]
+    # Brute force: exactly the evaluated blend's top 20 (read books too:
+    # nothing is excluded), with its scores.
+    top = np.argsort(-expected[i], kind="stable")[:20]
+    np.testing.assert_allclose(scores, expected[i][top], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(expected[i][[index[a] for a in ids]], scores,
+                               rtol=1e-4, atol=1e-4)
+    # ScaNN: its top 50 books and EASE's top 50, re-scored exactly.
+    answer = recs.recommend(history=history, k=20, exclude_seen=False)
+    found = {row["parent_asin"]: row["score"] for row in answer}
+    assert len(set(found) & set(ids)) >= 18
+    for asin, score in found.items():
+      assert score == pytest.approx(expected[i][index[asin]], abs=1e-4)
+  # The catalog's new books score by the towers alone (no EASE weights):
+  # the new version serves the same scores for the books it had.
+  csv, new = tiny_data.write_new_books(tmp_path)
+  result = catalog.add_books(copy, csv)
+  assert result.version == 2 and len(result.added) == len(new)
+  grown = recommender.Recommender(copy, index="brute_force")
+  for i, history in enumerate(histories[:3]):
+    for row in grown.recommend(history=history, k=20, exclude_seen=False):
+      if row["parent_asin"] in index:
+        assert row["score"] == pytest.approx(
+            expected[i][index[row["parent_asin"]]], abs=1e-4)

@@ -1,0 +1,195 @@
+"""EASE, the item-item model that the towers are blended with.
+
+EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data",
+WWW 2019): with the binary user x book matrix X,
+
+  P = (X^T X + lambda I)^-1,  B = I - P diag(1 / diag(P)),  diag(B) = 0,
+
+and a user's scores are x_u B: the sum of the rows of B of the books the
+user knows. Its scores are far more peaked than the towers' and the two
+rank complementary books (docs/results.md, twenty-third session), so the
+exported model can add them up (`Blend`):
+
+  score(u, i) = a * max_k <q_u,k, v_i> + sum over j known by u of W[j, i],
+
+with a = (1 - w) / s_t and W = (w / s_e) B, where s_t and s_e are each
+model's median per-user standard deviation of its scores over the corpus
+(one constant each, scores only), so that w means the same for any scale.
+
+Each book keeps the `top_k` entries of its row of B of the largest
+magnitude (`sparse_rows`):
+a user's EASE scores are then a scatter of a few hundred entries per known
+book, cheap at serving time, and the table is books x top_k instead of
+books x books. Fitting needs the dense books x books inverse, so EASE has a
+cap on the corpus (`check_size`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+
+class TooManyItemsError(ValueError):
+  """EASE refuses a corpus whose books x books matrix is over the cap."""
+
+
+def check_size(n_items: int, max_items: int, flag: str) -> None:
+  """Raises TooManyItemsError when EASE would exceed the item cap; `flag`
+  names the setting that raises the cap."""
+  if n_items > max_items:
+    gib = n_items ** 2 * 4 / 2 ** 30
+    raise TooManyItemsError(
+        f"EASE refuses {n_items:,} books: it inverts a dense books x books "
+        f"matrix ({gib:.1f} GiB in float32; fitting holds two) and the cap is "
+        f"{max_items:,} books. Raise {flag} if the machine has the memory.")
+
+
+def gram(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+  """X^T X of the binary user x book matrix of distinct 0-based pairs."""
+  out = np.zeros((n_items, n_items), np.float32)
+  order = np.lexsort((items, users))
+  users, items = users[order], items[order]
+  bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    row = items[lo:hi]
+    out[np.ix_(row, row)] += 1.0  # distinct indices: += is exact
+  return out
+
+
+def _inverse_in_place(a: np.ndarray) -> np.ndarray:
+  """Inverse of a symmetric positive definite float32 matrix.
+
+  With SciPy, Cholesky (potrf/potri) in `a`'s own memory, then the lower
+  triangle mirrored in row blocks; without it, np.linalg.inv (two more
+  n x n arrays at peak). SciPy's LAPACK runs on one BLAS thread: the
+  32-bit-integer OpenBLAS in SciPy's wheels segfaults in its threaded
+  spotrf on large matrices (26,303 books here; 8,000 is fine).
+  """
+  try:
+    # pylint: disable=import-outside-toplevel
+    from scipy.linalg import lapack
+    import threadpoolctl
+  except ImportError:
+    return np.linalg.inv(a)
+  # a is symmetric and C-ordered: a.T is the same memory in Fortran order,
+  # and LAPACK's upper triangle of a.T is the lower triangle of a.
+  with threadpoolctl.threadpool_limits(1, "blas"):
+    factor, info = lapack.spotrf(a.T, lower=0, overwrite_a=1, clean=0)
+    if info == 0:
+      factor, info = lapack.spotri(factor, lower=0, overwrite_c=1)
+  if info != 0:
+    raise np.linalg.LinAlgError(f"EASE: LAPACK potrf/potri info={info}")
+  out = factor.T
+  if not np.shares_memory(out, a):
+    a[...] = out
+  n, step = len(a), max(1, 2 ** 22 // max(len(a), 1))
+  for lo in range(0, n, step):
+    hi = min(n, lo + step)
+    block = a[lo:hi, lo:hi]
+    block[...] = np.tril(block) + np.tril(block, -1).T
+    a[lo:hi, hi:] = a[hi:, lo:hi].T
+  return a
+
+
+def weights_from_gram(gram_matrix: np.ndarray, lam: float) -> np.ndarray:
+  """B = I - P diag(1/diag(P)), P = (gram + lam I)^-1; overwrites the
+  Gram matrix."""
+  diag = np.arange(len(gram_matrix))
+  gram_matrix[diag, diag] += np.float32(lam)
+  p = _inverse_in_place(gram_matrix)
+  p /= -np.diag(p).copy()[None, :]
+  p[diag, diag] = 0.0
+  return p
+
+
+def fit(users: np.ndarray, items: np.ndarray, n_items: int,
+        lam: float) -> np.ndarray:
+  """[books, books] float32 EASE weights B from distinct 0-based pairs."""
+  return weights_from_gram(gram(users, items, n_items), lam)
+
+
+def sparse_rows(weights: np.ndarray, top_k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Each book's `top_k` weights of the largest magnitude: (columns,
+  values), with a row 0 for the padding book (no weights) and corpus
+  indices (1-based). The negative weights count: without them, a user's
+  many small positive weights favour popular books.
+
+  Returns:
+    columns: [books + 1, k] int32 corpus indices a book's row votes for
+      (0 where a row has fewer than k entries: the padding book).
+    values: [books + 1, k] float32, B[j, columns - 1].
+  """
+  n = len(weights)
+  k = min(int(top_k), n)
+  columns = np.zeros((n + 1, k), np.int32)
+  values = np.zeros((n + 1, k), np.float32)
+  step = max(1, 2 ** 24 // max(n, 1))
+  for lo in range(0, n, step):
+    block = weights[lo:lo + step]
+    top = (np.argpartition(-np.abs(block), k - 1, axis=1)[:, :k] if k < n else
+           np.broadcast_to(np.arange(n), block.shape))
+    columns[lo + 1:lo + 1 + len(block)] = top + 1
+    values[lo + 1:lo + 1 + len(block)] = np.take_along_axis(block, top, 1)
+  return columns, values
+
+
+def scores(columns, values, books, num_items) -> tf.Tensor:
+  """[batch, num_items + 1] summed rows of the books each user knows.
+
+  Args:
+    columns, values: `sparse_rows`' tables (rows of books beyond them, such
+      as books added to the catalogue after training, count as none).
+    books: [batch, L] int corpus indices of each user's known books (0 =
+      padding); a book listed twice counts once.
+    num_items: the corpus' books (at least the tables' rows - 1).
+  """
+  books = tf.cast(books, tf.int64)
+  # Repeats count once, as X is binary: keep the first of each value.
+  order = tf.argsort(books, axis=1, stable=True)
+  ranked = tf.gather(books, order, axis=1, batch_dims=1)
+  repeat = tf.concat([tf.zeros_like(ranked[:, :1], tf.bool),
+                      ranked[:, 1:] == ranked[:, :-1]], axis=1)
+  rows_in_table = tf.cast(tf.shape(columns)[0], tf.int64)
+  ranked = tf.where(repeat | (ranked >= rows_in_table),
+                    tf.zeros_like(ranked), ranked)
+  cols = tf.gather(tf.cast(columns, tf.int64), ranked)  # [b, L, k]
+  vals = tf.gather(values, ranked)
+  batch = tf.shape(books, out_type=tf.int64)[0]
+  row = tf.broadcast_to(tf.range(batch)[:, None, None], tf.shape(cols,
+                                                                 tf.int64))
+  index = tf.stack([tf.reshape(row, [-1]), tf.reshape(cols, [-1])], axis=1)
+  out = tf.scatter_nd(index, tf.reshape(vals, [-1]),
+                      tf.stack([batch, tf.cast(num_items, tf.int64) + 1]))
+  # Column 0 is the padding book: its row collects the padding's zeros.
+  return tf.concat([tf.zeros_like(out[:, :1]), out[:, 1:]], axis=1)
+
+
+@dataclasses.dataclass
+class Blend:
+  """The towers' scores and EASE's, added up (see the module docstring).
+
+  Attributes:
+    columns, values: EASE's `sparse_rows`, the values already times
+      w / s_e.
+    tower_scale: a = (1 - w) / s_t, the towers' factor.
+    info: what chose it: lambda, w, s_t, s_e, top_k, the validation grid.
+  """
+  columns: np.ndarray
+  values: np.ndarray
+  tower_scale: float
+  info: dict
+
+  def save(self, path: str) -> None:
+    np.savez(path, columns=self.columns, values=self.values,
+             tower_scale=np.float64(self.tower_scale))
+
+  @classmethod
+  def load(cls, path: str, info: dict) -> "Blend":
+    with np.load(path) as f:
+      return cls(f["columns"], f["values"], float(f["tower_scale"]), info)
