@@ -54,11 +54,12 @@ def test_the_weight_is_the_best_on_validation(blend_run):
   metrics = _json(blend_run, "metrics.json")
   name = "dat_refit" + pipeline.BLEND_SUFFIX
   assert pipeline.has_blend(blend_run, name) == (name in metrics)
+  info = _json(blend_run, "variants", name, pipeline.BLEND_INFO)
   if name not in metrics:
     # Validation preferred the towers alone: nothing blended is exported.
+    assert info["w"] == 0.0
     assert pipeline.exported_variant(blend_run) == "dat_refit"
     pytest.skip("validation chose the towers alone on this data")
-  info = _json(blend_run, "variants", name, pipeline.BLEND_INFO)
   grid = {g["w"]: g["recall@20"] for g in info["weights"]}
   assert sorted(grid) == [0.0, *WEIGHTS]
   assert info["w"] > 0 and grid[info["w"]] == max(grid.values())
@@ -82,7 +83,8 @@ def test_a_run_without_the_blend_never_exports_an_old_one(blend_run, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(blend_run, copy)
   name = "dat_refit" + pipeline.BLEND_SUFFIX
-  blend_lib.save(_forced(copy, 0.5).blend, copy, name)
+  forced = _forced(copy, 0.5).blend
+  blend_lib.save(forced, forced.info, copy, name)
   config = json.loads(open(os.path.join(copy, "config.json")).read())
   assert pipeline.exported_variant(copy) == name
   config["train"]["ease_weights"] = []

@@ -97,11 +97,13 @@ class _Parts:
 
 def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
         chooser: pipeline.Built, exported: pipeline.Built,
-        train: TrainConfig) -> pipeline.Built | None:
+        train: TrainConfig) -> tuple[pipeline.Built | None, dict]:
   """`exported` (fitted on `view`'s events) blended with EASE, as chosen
   on validation with `chooser` (dat, fitted on `prep`'s training events).
 
-  Returns None when validation prefers the towers alone (w = 0).
+  Returns:
+    The blend (None when validation prefers the towers alone, w = 0) and
+    what chose it: lambda, w and their validation grids.
 
   Raises:
     ease_lib.TooManyItemsError: the corpus is over `train.ease_max_items`.
@@ -131,23 +133,29 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
     if chosen is None or val > chosen[0]:
       chosen = (val, w)
   info = {"lambda": lam, "top_k": train.ease_top_k, "lambdas": lambdas,
-          "weights": weights, "val_" + TUNE_METRIC: chosen[0]}
+          "weights": weights, "w": chosen[1], "val_" + TUNE_METRIC: chosen[0]}
+  if chosen[1] == max(train.ease_weights) < 1.0:
+    logging.warning("The blend's w = %g is the largest of --ease_weights; a "
+                    "larger one may score higher on validation.", chosen[1])
   if chosen[1] == 0.0:
     logging.info("Validation prefers the towers alone to any blend with "
                  "EASE: the run exports the towers.")
-    return None
+    return None, info
   if view.fit_splits != prep.fit_splits:
     columns, values = ease_tables(view, lam, train.ease_top_k)
   out = _Parts(exported, columns, values, view.val, n, batch, info).blend(
       chosen[1])
   out.blend.info["seconds"] = round(time.perf_counter() - start, 1)
-  return out
+  return out, out.blend.info
 
 
-def save(blend: ease_lib.Blend, model_dir: str, name: str) -> None:
-  """Writes the blend `name` (`<exported>_ease`) to its variant directory."""
+def save(blend: ease_lib.Blend | None, info: dict, model_dir: str,
+         name: str) -> None:
+  """Writes the blend `name` (`<exported>_ease`) to its variant directory:
+  its info, and its tables unless validation chose the towers alone."""
   directory = os.path.join(model_dir, "variants", name)
   os.makedirs(directory, exist_ok=True)
-  blend.save(os.path.join(directory, pipeline.BLEND_TABLES))
+  if blend is not None:
+    blend.save(os.path.join(directory, pipeline.BLEND_TABLES))
   with open(os.path.join(directory, pipeline.BLEND_INFO), "w") as f:
-    json.dump(blend.info, f, indent=1)
+    json.dump(info, f, indent=1)

@@ -147,14 +147,15 @@ def _blend(prep, train, model_dir, metrics, built):
     if old.endswith(pipeline.BLEND_SUFFIX):
       shutil.rmtree(os.path.join(variants, old))
   try:
-    blended = blend_lib.fit(prep, view, built["dat"], built[name], train)
+    blended, info = blend_lib.fit(prep, view, built["dat"], built[name],
+                                  train)
   except ease_lib.TooManyItemsError as e:
     logging.warning("No EASE blend: %s The run exports the towers.", e)
     return
+  name += pipeline.BLEND_SUFFIX
+  blend_lib.save(blended and blended.blend, info, model_dir, name)
   if blended is None:
     return
-  name += pipeline.BLEND_SUFFIX
-  blend_lib.save(blended.blend, model_dir, name)
   built[name] = blended
   metrics[name] = pipeline.test_metrics(
       pipeline.model_scorer(blended, len(view.data.items)), view,
