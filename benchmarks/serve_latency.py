@@ -16,8 +16,10 @@ Prints and writes (JSON):
   recommender_ms   p50 / p99 of `Recommender.recommend` with the ScaNN
                    index (query signature, then the index), as `tt-mimic
                    serve` answers without its HTTP layer
-  index_ms         p50 of the ScaNN index alone (embedding -> top-k) and of
-                   brute force over the same embeddings, and their ratio
+  index_ms         p50 of the ScaNN index alone (embedding -> top-k; for a
+                   blend with EASE, with EASE's part) and of brute force
+                   over the same embeddings (the towers' part alone), and
+                   their ratio
 
 One user per request, known users cycled, after 20 warm-up requests.
 Figures are this machine's under its current load.
@@ -77,15 +79,17 @@ def main() -> None:
                           [(u,) for u in users])
 
   query = rec.serving.signatures["query"]
-  embeddings = [query(user_id=tf.constant([u]),
-                      history=tf.constant([[""]]))["embedding"]
-                for u in users]
+  queries = [query(user_id=tf.constant([u]), history=tf.constant([[""]]))
+             for u in users]
+  embeddings = [q["embedding"] for q in queries]
   known = tf.constant([True])
   exclude = tf.constant([[""]])
   search = rec.model.signatures["serving_default"]
-  scann_ms = _timed(lambda e: search(embedding=e, known=known,
-                                     exclude=exclude),
-                    [(e,) for e in embeddings])
+  # A blend's index also takes the user's books (EASE's part).
+  scann_ms = _timed(lambda q: search(
+      embedding=q["embedding"], known=known, exclude=exclude,
+      **({"books": q["books"]} if "books" in q else {})),
+                    [(q,) for q in queries])
   vectors = np.load(os.path.join(rec.version_directory, "embeddings.npy"))
   brute = tfrs.layers.factorized_top_k.BruteForce(k=k)
   brute.index(tf.constant(vectors, tf.float32))
