@@ -42,6 +42,7 @@ import tensorflow as tf
 from tt_mimic.config import TrainConfig
 from tt_mimic.data import ingest
 from tt_mimic.model import ease as ease_lib
+from tt_mimic.training import blend as blend_lib
 from tt_mimic.training import evaluation
 from tt_mimic.training import pipeline
 
@@ -58,15 +59,7 @@ TooManyItemsError = ease_lib.TooManyItemsError
 # ---------------------------------------------------------------- shared
 
 
-def train_pairs(events, splits=(ingest.SPLIT_TRAIN,)
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Distinct 0-based (user, book) index pairs of the events of `splits`."""
-  train = events[events["split"].isin(splits)]
-  users = train["user"].to_numpy(np.int64) - 1
-  items = train["item"].to_numpy(np.int64) - 1
-  n_items = int(items.max()) + 1 if items.size else 1
-  keys = np.unique(users * n_items + items)
-  return keys // n_items, keys % n_items
+train_pairs = blend_lib.fit_pairs
 
 
 class _Rows:

@@ -29,6 +29,7 @@ import tt_mimic  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tt_mimic.config import TrainConfig
+from tt_mimic.data import ingest
 from tt_mimic.model import ease as ease_lib
 from tt_mimic.training import evaluation
 from tt_mimic.training import pipeline
@@ -37,7 +38,8 @@ SCALE_USERS = 2048
 TUNE_METRIC = "recall@20"
 
 
-def fit_pairs(events, splits) -> tuple[np.ndarray, np.ndarray]:
+def fit_pairs(events, splits=(ingest.SPLIT_TRAIN,)
+              ) -> tuple[np.ndarray, np.ndarray]:
   """Distinct 0-based (user, book) index pairs of the events of `splits`."""
   fit = events[events["split"].isin(splits)]
   users = fit["user"].to_numpy(np.int64) - 1
