@@ -157,6 +157,14 @@ def test_the_export_serves_the_blend_it_evaluates(blend_run, tmp_path):
     assert len(set(found) & set(ids)) >= 18
     for asin, score in found.items():
       assert score == pytest.approx(expected[i][index[asin]], abs=1e-4)
+  # More exclusions than the books retrieved (50): the next best 20 books,
+  # still exact.
+  top = np.argsort(-expected[0], kind="stable")
+  excluded = tf.constant([items[top[:60] - 1].tolist()])
+  out = serving.signatures["with_history"](
+      user_id=tf.constant([""]), history=padded[:1], exclude=excluded)
+  assert [a.decode() for a in out["parent_asin"].numpy()[0]] == (
+      items[top[60:80] - 1].tolist())
   # The catalog's new books score by the towers alone (no EASE weights):
   # the new version serves the same scores for the books it had.
   csv, new = tiny_data.write_new_books(tmp_path)

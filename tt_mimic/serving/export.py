@@ -326,16 +326,20 @@ class _Retrieval(tf.Module):
                          tf.gather(self.vectors, rows - 1))
     return tf.reduce_max(scores, axis=1)
 
-  def _blend_search(self, embedding, books):
-    """(scores, rows) of a blend: towers + EASE (see the class)."""
+  def _blend_search(self, embedding, books, excluded):
+    """(scores, rows) of a blend: towers + EASE (see the class). EASE
+    scores a user's read books high (they are read together), so the top
+    `retrieve` + `excluded` books are taken: as many survive the
+    exclusions as without them."""
     n = tf.shape(self.vectors)[0]
     ease = ease_lib.scores(self.ease_columns, self.ease_values, books, n)[:, 1:]
+    k = tf.minimum(n, self.retrieve + excluded)
     if self.exact:
       scores, top = tf.math.top_k(self._tower_scores(embedding, None) + ease,
-                                  k=self.retrieve)
+                                  k=k)
       return scores, top + 1
     found, rows = self._layer_search(embedding)
-    _, ease_top = tf.math.top_k(ease, k=self.retrieve)
+    _, ease_top = tf.math.top_k(ease, k=k)
     rows = tf.cast(rows, tf.int32)
     # ScaNN's padding (NaN scores) holds no book.
     rows = tf.where(tf.math.is_nan(found) | (rows < 1) | (rows > n),
@@ -368,7 +372,8 @@ class _Retrieval(tf.Module):
     best score is in the top k of the vector that gives it). `books`: a
     blend's known books per user (corpus indices, 0 = pad)."""
     if self.blended:
-      scores, rows = self._blend_search(embedding, books)
+      scores, rows = self._blend_search(embedding, books,
+                                        tf.shape(exclude)[1])
     else:
       scores, rows = self._layer_search(embedding)
     ids = tf.gather(self.asins, tf.cast(rows, tf.int32))
