@@ -283,11 +283,11 @@ class TrainConfig(_Checked):
       "(s_t, s_e: each model's median per-user score spread), with w chosen "
       "on validation Recall@20 among these and 0 (the towers alone); EASE is "
       "fitted on the same events as the towers. Empty = no blend. Skipped "
-      "with a warning above --ease_max_items books.", lower=0.0, upper=1.0,
+      "with a warning above --ease_max_items books.", lower=0.0, upper=0.99,
       each=float)
   ease_lambdas: tuple[float, ...] = setting(
       (50.0, 200.0, 500.0), "EASE's L2 weights tried on validation (EASE "
-      "alone, Recall@20) for the blend.", lower=0.0, each=float)
+      "alone, Recall@20) for the blend.", lower=1e-3, each=float)
   ease_top_k: int = setting(
       512, "Weights kept per book of EASE's books x books matrix for the "
       "blend (those of the largest magnitude): the export holds books x "

@@ -25,7 +25,7 @@ from tt_mimic.training import pipeline
 import tiny_data
 
 FLAGS = flags.FLAGS
-WEIGHTS = (0.3, 1.0)
+WEIGHTS = (0.3, 0.9)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from tt_mimic.commands import common
 from tt_mimic.training import evaluation
@@ -61,6 +62,9 @@ def evaluate_run(model_dir: str, split: str, variant: str,
     raise pipeline.RunError(f"{variant} was trained on the validation events; "
                             "evaluate it on test (a score on its own training "
                             "data says nothing).")
+  if split == "val" and variant.endswith(pipeline.BLEND_SUFFIX):
+    logging.warning("%s's lambda and w were chosen on validation: its "
+                    "validation score is optimistic.", variant)
   prep = pipeline.view_for(prep, config.train, variant)
   eval_set = prep.val if split == "val" else prep.test
   if variant.startswith("popularity"):

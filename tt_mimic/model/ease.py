@@ -45,7 +45,8 @@ def check_size(n_items: int, max_items: int, flag: str) -> None:
     gib = n_items ** 2 * 4 / 2 ** 30
     raise TooManyItemsError(
         f"EASE refuses {n_items:,} books: it inverts a dense books x books "
-        f"matrix ({gib:.1f} GiB in float32; fitting holds two) and the cap is "
+        f"matrix ({gib:.1f} GiB in float32; fitting holds up to two) and the "
+        "cap is "
         f"{max_items:,} books. Raise {flag} if the machine has the memory.")
 
 
@@ -151,22 +152,24 @@ def scores(columns, values, books, num_items) -> tf.Tensor:
   """
   books = tf.cast(books, tf.int64)
   # Repeats count once, as X is binary: keep the first of each value.
-  order = tf.argsort(books, axis=1, stable=True)
-  ranked = tf.gather(books, order, axis=1, batch_dims=1)
+  ranked = tf.sort(books, axis=1)
   repeat = tf.concat([tf.zeros_like(ranked[:, :1], tf.bool),
                       ranked[:, 1:] == ranked[:, :-1]], axis=1)
   rows_in_table = tf.cast(tf.shape(columns)[0], tf.int64)
-  ranked = tf.where(repeat | (ranked >= rows_in_table),
-                    tf.zeros_like(ranked), ranked)
-  cols = tf.gather(tf.cast(columns, tf.int64), ranked)  # [b, L, k]
-  vals = tf.gather(values, ranked)
-  batch = tf.shape(books, out_type=tf.int64)[0]
-  row = tf.broadcast_to(tf.range(batch)[:, None, None], tf.shape(cols,
-                                                                 tf.int64))
+  real = (ranked > 0) & (ranked < rows_in_table) & ~repeat
+  # Only the real books are gathered: [known books, k], not
+  # [batch, longest, k] (one heavy reader would inflate the whole batch).
+  where = tf.where(real)
+  known = tf.gather_nd(ranked, where)
+  cols = tf.cast(tf.gather(columns, known), tf.int64)
+  vals = tf.gather(values, known)
+  row = tf.broadcast_to(where[:, :1], tf.shape(cols, tf.int64))
   index = tf.stack([tf.reshape(row, [-1]), tf.reshape(cols, [-1])], axis=1)
+  batch = tf.shape(books, out_type=tf.int64)[0]
   out = tf.scatter_nd(index, tf.reshape(vals, [-1]),
                       tf.stack([batch, tf.cast(num_items, tf.int64) + 1]))
-  # Column 0 is the padding book: its row collects the padding's zeros.
+  # Column 0 is the padding book: a row with fewer than k weights fills
+  # its tail with it.
   return tf.concat([tf.zeros_like(out[:, :1]), out[:, 1:]], axis=1)
 
 

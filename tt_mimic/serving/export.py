@@ -313,6 +313,12 @@ class _Retrieval(tf.Module):
       self.vectors = tf.Variable(np.asarray(vectors, np.float32),
                                  trainable=False)
       self.exact = exact
+      # parent_asin -> corpus index, to leave excluded books out before
+      # the top books are taken (EASE ranks a user's read books high).
+      self.rows = tf.lookup.StaticHashTable(
+          tf.lookup.KeyValueTensorInitializer(
+              self.asins[1:], tf.range(1, len(asins) + 1, dtype=tf.int64)),
+          default_value=0)
 
   def _tower_scores(self, embedding, rows):
     """[batch, n] a book's best inner product over the user's vectors, for
@@ -326,20 +332,27 @@ class _Retrieval(tf.Module):
                          tf.gather(self.vectors, rows - 1))
     return tf.reduce_max(scores, axis=1)
 
-  def _blend_search(self, embedding, books, excluded):
+  def _blend_search(self, embedding, books, exclude):
     """(scores, rows) of a blend: towers + EASE (see the class). EASE
-    scores a user's read books high (they are read together), so the top
-    `retrieve` + `excluded` books are taken: as many survive the
-    exclusions as without them."""
+    scores a user's read books high (they are read together), so the
+    excluded books are left out before the top books are taken."""
     n = tf.shape(self.vectors)[0]
-    ease = ease_lib.scores(self.ease_columns, self.ease_values, books, n)[:, 1:]
-    k = tf.minimum(n, self.retrieve + excluded)
+    ease = ease_lib.scores(self.ease_columns, self.ease_values, books, n)
+    excluded = self.rows.lookup(exclude)
+    batch = tf.shape(excluded, out_type=tf.int64)[0]
+    hit = tf.stack([tf.broadcast_to(tf.range(batch)[:, None],
+                                    tf.shape(excluded, tf.int64)),
+                    excluded], axis=-1)
+    hit = tf.scatter_nd(tf.reshape(hit, [-1, 2]),
+                        tf.ones(tf.size(excluded), tf.bool),
+                        tf.stack([batch, tf.cast(n, tf.int64) + 1]))
+    ease = tf.where(hit, tf.constant(-np.inf, ease.dtype), ease)[:, 1:]
     if self.exact:
       scores, top = tf.math.top_k(self._tower_scores(embedding, None) + ease,
-                                  k=k)
+                                  k=self.retrieve)
       return scores, top + 1
     found, rows = self._layer_search(embedding)
-    _, ease_top = tf.math.top_k(ease, k=k)
+    _, ease_top = tf.math.top_k(ease, k=self.retrieve)
     rows = tf.cast(rows, tf.int32)
     # ScaNN's padding (NaN scores) holds no book.
     rows = tf.where(tf.math.is_nan(found) | (rows < 1) | (rows > n),
@@ -372,8 +385,7 @@ class _Retrieval(tf.Module):
     best score is in the top k of the vector that gives it). `books`: a
     blend's known books per user (corpus indices, 0 = pad)."""
     if self.blended:
-      scores, rows = self._blend_search(embedding, books,
-                                        tf.shape(exclude)[1])
+      scores, rows = self._blend_search(embedding, books, exclude)
     else:
       scores, rows = self._layer_search(embedding)
     ids = tf.gather(self.asins, tf.cast(rows, tf.int32))
@@ -492,8 +504,9 @@ def build_indexes(query, embeddings: np.ndarray, identifiers: np.ndarray,
   brute = tfrs.layers.factorized_top_k.BruteForce(k=retrieve)
   brute.index(vectors, rows)
   blended = {} if blend is None else {"blend": blend, "vectors": embeddings}
-  serving = ServingModule(query, brute, identifiers, pop_ids, pop_scores, k,
-                          retrieve, **blended)
+  # A blend's serving model scores the corpus itself (no brute-force layer).
+  serving = ServingModule(query, None if blend else brute, identifiers,
+                          pop_ids, pop_scores, k, retrieve, **blended)
   _save(serving, os.path.join(directory, STAGED_SERVING))
   interests = 1 if queries is None or np.ndim(queries) == 2 else int(
       np.shape(queries)[1])

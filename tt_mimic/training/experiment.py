@@ -15,6 +15,7 @@ import os
 import shutil
 
 from absl import logging
+import numpy as np
 
 from tt_mimic.config import LossConfig
 from tt_mimic.config import TowerConfig
@@ -52,6 +53,8 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   built: {variant: pipeline.Built} for trained variants.
   """
   metrics, results, built = {}, {}, {}
+  if chief_dir is None:
+    _remove_blends(model_dir)
   for name in variants:
     if name == "popularity":
       metrics[name] = pipeline.test_metrics(
@@ -71,7 +74,8 @@ def run(prep: pipeline.Prepared, tower: TowerConfig,
   if train.ensemble > 1 and "dat" in results:
     _ensemble(prep, tower, loss, train, model_dir, metrics, results, built,
               chief_dir)
-  if train.ease_weights and "dat" in results:
+  if train.ease_weights and "dat" in results and chief_dir is None:
+    # Fitted by the chief alone (a worker's directory is deleted).
     _blend(prep, train, model_dir, metrics, built)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
@@ -141,15 +145,11 @@ def _blend(prep, train, model_dir, metrics, built):
   if name not in built:
     name = stem if stem in built else "dat"
   view = pipeline.view_for(prep, train, name)
-  # A blend of an earlier run is of other towers: never exported again.
-  variants = os.path.join(model_dir, "variants")
-  for old in os.listdir(variants) if os.path.isdir(variants) else ():
-    if old.endswith(pipeline.BLEND_SUFFIX):
-      shutil.rmtree(os.path.join(variants, old))
   try:
     blended, info = blend_lib.fit(prep, view, built["dat"], built[name],
                                   train)
-  except ease_lib.TooManyItemsError as e:
+  except (ease_lib.TooManyItemsError, np.linalg.LinAlgError,
+          ValueError) as e:
     logging.warning("No EASE blend: %s The run exports the towers.", e)
     return
   name += pipeline.BLEND_SUFFIX
@@ -160,6 +160,16 @@ def _blend(prep, train, model_dir, metrics, built):
   metrics[name] = pipeline.test_metrics(
       pipeline.model_scorer(blended, len(view.data.items)), view,
       train.eval_batch_size)
+
+
+def _remove_blends(model_dir: str) -> None:
+  """Removes the EASE blends of an earlier run: they belong to its towers,
+  and must not be exported with new ones (a run that stops before its
+  blend is fitted exports its towers alone)."""
+  variants = os.path.join(model_dir, "variants")
+  for name in os.listdir(variants) if os.path.isdir(variants) else ():
+    if name.endswith(pipeline.BLEND_SUFFIX):
+      shutil.rmtree(os.path.join(variants, name))
 
 
 def table(metrics: dict, columns=HEADLINE) -> str:
