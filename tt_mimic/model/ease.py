@@ -46,8 +46,8 @@ def check_size(n_items: int, max_items: int, flag: str) -> None:
     raise TooManyItemsError(
         f"EASE refuses {n_items:,} books: it inverts a dense books x books "
         f"matrix ({gib:.1f} GiB in float32; fitting holds up to two) and the "
-        "cap is "
-        f"{max_items:,} books. Raise {flag} if the machine has the memory.")
+        f"cap is {max_items:,} books. Raise {flag} if the machine has the "
+        "memory.")
 
 
 def gram(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
@@ -123,7 +123,7 @@ def sparse_rows(weights: np.ndarray, top_k: int
 
   Returns:
     columns: [books + 1, k] int32 corpus indices a book's row votes for
-      (0 where a row has fewer than k entries: the padding book).
+      (k = min(top_k, books); row 0 is all 0).
     values: [books + 1, k] float32, B[j, columns - 1].
   """
   n = len(weights)
@@ -166,11 +166,10 @@ def scores(columns, values, books, num_items) -> tf.Tensor:
   row = tf.broadcast_to(where[:, :1], tf.shape(cols, tf.int64))
   index = tf.stack([tf.reshape(row, [-1]), tf.reshape(cols, [-1])], axis=1)
   batch = tf.shape(books, out_type=tf.int64)[0]
-  out = tf.scatter_nd(index, tf.reshape(vals, [-1]),
-                      tf.stack([batch, tf.cast(num_items, tf.int64) + 1]))
-  # Column 0 is the padding book: a row with fewer than k weights fills
-  # its tail with it.
-  return tf.concat([tf.zeros_like(out[:, :1]), out[:, 1:]], axis=1)
+  # Column 0, the padding book, stays 0: only row 0 votes for it, and the
+  # padding is never gathered.
+  return tf.scatter_nd(index, tf.reshape(vals, [-1]),
+                       tf.stack([batch, tf.cast(num_items, tf.int64) + 1]))
 
 
 @dataclasses.dataclass

@@ -77,14 +77,17 @@ def score_spread(score_fn, eval_set, batch_size: int,
 
 class _Parts:
   """A towers model and EASE's tables, with their spreads on `eval_set`:
-  `blend(w)` is their blend at weight w."""
+  `blend(w)` is their blend at weight w, and `scorer(w)` scores it (the
+  corpus is embedded once for every w)."""
 
   def __init__(self, built, columns, values, eval_set, num_items, batch_size,
                info):
     self.built, self.columns, self.values = built, columns, values
-    self.info = info
-    self.spread_towers = score_spread(pipeline.model_scorer(built, num_items),
-                                      eval_set, batch_size)
+    self.info, self.num_items = info, num_items
+    self.embeddings = pipeline.item_embeddings(built.encoder, num_items)
+    self.spread_towers = score_spread(
+        pipeline.model_scorer(built, num_items, self.embeddings), eval_set,
+        batch_size)
     self.spread_ease = score_spread(
         pipeline.ease_scorer(columns, values, num_items), eval_set,
         batch_size)
@@ -95,6 +98,10 @@ class _Parts:
         (1.0 - w) / self.spread_towers,
         {**self.info, "w": w, "spread_towers": self.spread_towers,
          "spread_ease": self.spread_ease}))
+
+  def scorer(self, w: float):
+    return pipeline.model_scorer(self.blend(w), self.num_items,
+                                 self.embeddings)
 
 
 def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
@@ -127,8 +134,8 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
   parts = _Parts(chooser, columns, values, prep.val, n, batch, {})
   weights, chosen = [], None
   for w in sorted({0.0, *train.ease_weights}):
-    val = evaluation.evaluate(pipeline.model_scorer(parts.blend(w), n),
-                              prep.val, batch_size=batch)[TUNE_METRIC]
+    val = evaluation.evaluate(parts.scorer(w), prep.val,
+                              batch_size=batch)[TUNE_METRIC]
     weights.append({"w": w, TUNE_METRIC: val})
     logging.info("Towers + EASE at w %g: validation %s %.4f", w, TUNE_METRIC,
                  val)
