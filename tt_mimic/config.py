@@ -288,6 +288,11 @@ class TrainConfig(_Checked):
   ease_lambdas: tuple[float, ...] = setting(
       (50.0, 200.0, 500.0), "EASE's L2 weights tried on validation (EASE "
       "alone, Recall@20) for the blend.", lower=1e-3, each=float)
+  ease_popularity_powers: tuple[float, ...] = setting(
+      (0.0, 0.25, 0.5), "Powers beta tried on validation with each of "
+      "--ease_weights: the blend divides EASE's score of a book by its "
+      "training events to the beta (0 = EASE as fitted; larger favours "
+      "less-read books).", lower=0.0, upper=2.0, each=float)
   ease_top_k: int = setting(
       512, "Weights kept per book of EASE's books x books matrix for the "
       "blend (those of the largest magnitude): the export holds books x "
@@ -439,7 +444,8 @@ def _plain(value):
 # What a setting whose default changed when it was added did before it
 # existed: a stamp or saved state without it was made with this value, not
 # the default (read by same_settings and features.load_vocabularies).
-BEFORE_SETTING = {"ease_weights": (), "title_standardize": "ascii",
+BEFORE_SETTING = {"ease_weights": (), "ease_popularity_powers": (0.0,),
+                  "title_standardize": "ascii",
                   "ema_momentum": 0.0,
                   "train_history": "causal", "interests": 1}
 

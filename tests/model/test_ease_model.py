@@ -41,6 +41,21 @@ def test_full_tables_give_the_dense_scores():
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_popularity_scaling_divides_each_book_by_its_count():
+  users, items = _pairs(3)
+  weights = ease.fit(users, items, 12, 3.0)
+  columns, values = ease.sparse_rows(weights, 12)
+  counts = np.r_[0, np.arange(12)]  # corpus book 1 has none: counts as 1
+  scaled = ease.popularity_scaled(columns, values, counts, 0.5)
+  assert ease.popularity_scaled(columns, values, counts, 0.0) is values
+  books = np.array([[3, 5, 0], [12, 1, 2]])
+  got = ease.scores(columns, scaled, books, 12).numpy()
+  plain = ease.scores(columns, values, books, 12).numpy()
+  factor = np.maximum(counts, 1.0) ** -0.5
+  np.testing.assert_allclose(got, plain * factor[None, :], atol=1e-6)
+  assert got[0, 1] == pytest.approx(plain[0, 1]) and plain[0, 1] != 0
+
+
 def test_sparse_rows_keep_the_largest_magnitudes():
   weights = np.array([[0.0, -3.0, 1.0, 0.5],
                       [2.0, 0.0, -0.1, 0.2],

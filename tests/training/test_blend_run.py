@@ -26,11 +26,13 @@ import tiny_data
 
 FLAGS = flags.FLAGS
 WEIGHTS = (0.3, 0.9)
+POWERS = (0.0, 1.0)
 
 
 @pytest.fixture(scope="module")
 def blend_run(tmp_path_factory):
-  """dat and its refit, blended with EASE (two lambdas, two weights)."""
+  """dat and its refit, blended with EASE (two lambdas, two weights, two
+  popularity powers)."""
   if not FLAGS.is_parsed():
     FLAGS.mark_as_parsed()
   root = tmp_path_factory.mktemp("blend")
@@ -39,7 +41,8 @@ def blend_run(tmp_path_factory):
   values = tiny_data.train_flags(
       dataset, model_dir, epochs=2, patience=0, variants=["popularity", "dat"],
       refit=True, interests=2, ease_weights=[str(w) for w in WEIGHTS],
-      ease_lambdas=["5", "50"], ease_top_k=30)
+      ease_lambdas=["5", "50"], ease_top_k=30,
+      ease_popularity_powers=[str(p) for p in POWERS])
   with flagsaver.flagsaver(**values):
     train.main(["train"])
   return model_dir
@@ -60,10 +63,14 @@ def test_the_weight_is_the_best_on_validation(blend_run):
     assert info["w"] == 0.0
     assert pipeline.exported_variant(blend_run) == "dat_refit"
     pytest.skip("validation chose the towers alone on this data")
-  grid = {g["w"]: g["recall@20"] for g in info["weights"]}
-  assert sorted(grid) == [0.0, *WEIGHTS]
-  assert info["w"] > 0 and grid[info["w"]] == max(grid.values())
-  assert info["val_recall@20"] == grid[info["w"]]
+  grid = {(g["w"], g["popularity_power"]): g["recall@20"]
+          for g in info["weights"]}
+  # w = 0, the towers alone, is one point whatever the power.
+  assert sorted(grid) == sorted([(0.0, 0.0)] + [(w, p) for w in WEIGHTS
+                                                for p in POWERS])
+  chosen = (info["w"], info["popularity_power"])
+  assert info["w"] > 0 and grid[chosen] == max(grid.values())
+  assert info["val_recall@20"] == grid[chosen]
   lambdas = {g["lambda"]: g["recall@20"] for g in info["lambdas"]}
   assert sorted(lambdas) == [5.0, 50.0]
   assert lambdas[info["lambda"]] == max(lambdas.values())
@@ -83,7 +90,7 @@ def test_a_run_without_the_blend_never_exports_an_old_one(blend_run, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(blend_run, copy)
   name = "dat_refit" + pipeline.BLEND_SUFFIX
-  forced = _forced(copy, 0.5).blend
+  forced = _forced(copy, 0.5, 0.0).blend
   blend_lib.save(forced, forced.info, copy, name)
   config = json.loads(open(os.path.join(copy, "config.json")).read())
   assert pipeline.exported_variant(copy) == name
@@ -93,16 +100,16 @@ def test_a_run_without_the_blend_never_exports_an_old_one(blend_run, tmp_path):
   assert pipeline.exported_variant(copy) == "dat_refit"
 
 
-def _forced(model_dir: str, w: float) -> pipeline.Built:
-  """The run's dat_refit blended with EASE at weight `w` (whatever
-  validation chose), as training builds it."""
+def _forced(model_dir: str, w: float, power: float) -> pipeline.Built:
+  """The run's dat_refit blended with EASE at weight `w` and popularity
+  power `power` (whatever validation chose), as training builds it."""
   config, prep = pipeline.open_run(model_dir)
   view = pipeline.refit_view(prep, config.train)
   towers = pipeline.load_variant(model_dir, config, view, "dat_refit")
   columns, values = blend_lib.ease_tables(view, 5.0, 30)
-  parts = blend_lib._Parts(towers, columns, values, view.val,  # pylint: disable=protected-access
-                           len(view.data.items), 64, {"lambda": 5.0})
-  return parts.blend(w)
+  parts = blend_lib._Parts(towers, view.val, len(view.data.items), 64,  # pylint: disable=protected-access
+                           {"lambda": 5.0})
+  return parts.blend(parts.ease(columns, values, view.item_counts, power), w)
 
 
 def test_the_export_serves_the_blend_it_evaluates(blend_run, tmp_path):
@@ -111,12 +118,13 @@ def test_the_export_serves_the_blend_it_evaluates(blend_run, tmp_path):
   shutil.rmtree(os.path.join(copy, "export"), ignore_errors=True)
   config, prep = pipeline.open_run(copy)
   view = pipeline.refit_view(prep, config.train)
-  built = _forced(copy, 0.5)
+  built = _forced(copy, 0.5, 0.5)
   assert 0 < built.blend.tower_scale
   export.export_run(copy, view, built, ExportConfig(k=20, max_exclusions=30),
                     model="dat_refit_ease")
   info = _json(copy, "export", "export.json")
   assert info["blend"]["w"] == 0.5
+  assert info["blend"]["popularity_power"] == 0.5
   # Anonymous users with a given history: the towers read its latest
   # books, EASE all of them.
   items = view.data.items["parent_asin"].to_numpy(dtype=str)

@@ -12,9 +12,14 @@ exported model can add them up (`Blend`):
 
   score(u, i) = a * max_k <q_u,k, v_i> + sum over j known by u of W[j, i],
 
-with a = (1 - w) / s_t and W = (w / s_e) B, where s_t and s_e are each
-model's median per-user standard deviation of its scores over the corpus
-(one constant each, scores only), so that w means the same for any scale.
+with a = (1 - w) / s_t and W = (w / s_e) B diag(n^-beta), where n_i is book
+i's fitted events: EASE's scores divided by a power beta of the book's
+popularity (`popularity_scaled`; beta = 0 is EASE as fitted), a correction
+of the kind Steck's popularity-stratified recall applies to test books
+("Item popularity and recommendation accuracy", RecSys 2011). s_t and s_e
+are each model's median per-user standard deviation of its scores over the
+corpus (one constant each, scores only, s_e of the scaled EASE), so that w
+means the same for any scale.
 
 Each book keeps the `top_k` entries of its row of B of the largest
 magnitude (`sparse_rows`):
@@ -140,6 +145,22 @@ def sparse_rows(weights: np.ndarray, top_k: int
   return columns, values
 
 
+def popularity_scaled(columns: np.ndarray, values: np.ndarray,
+                      counts: np.ndarray, power: float) -> np.ndarray:
+  """`sparse_rows`' values, each divided by its column's book's count to the
+  `power` (counts below 1 count as 1).
+
+  Args:
+    columns, values: `sparse_rows`' tables.
+    counts: [books + 1] each book's fitted events (index 0, the padding).
+    power: beta >= 0; 0 gives the values back.
+  """
+  if power == 0:
+    return values
+  factor = np.maximum(np.asarray(counts, np.float64), 1.0) ** -float(power)
+  return (values * factor[columns]).astype(np.float32)
+
+
 def scores(columns, values, books, num_items) -> tf.Tensor:
   """[batch, num_items + 1] summed rows of the books each user knows.
 
@@ -177,10 +198,10 @@ class Blend:
   """The towers' scores and EASE's, added up (see the module docstring).
 
   Attributes:
-    columns, values: EASE's `sparse_rows`, the values already times
-      w / s_e.
+    columns, values: EASE's `sparse_rows`, the values already scaled by
+      `popularity_scaled` and times w / s_e.
     tower_scale: a = (1 - w) / s_t, the towers' factor.
-    info: what chose it: lambda, w, s_t, s_e, top_k, the validation grid.
+    info: what chose it: lambda, w, the popularity power, s_t, s_e, top_k, the validation grid.
   """
   columns: np.ndarray
   values: np.ndarray

@@ -75,32 +75,44 @@ def score_spread(score_fn, eval_set, batch_size: int,
   return spread
 
 
-class _Parts:
-  """A towers model and EASE's tables, with their spreads on `eval_set`:
-  `blend(w)` is their blend at weight w, and `scorer(w)` scores it (the
-  corpus is embedded once for every w)."""
+@dataclasses.dataclass(frozen=True)
+class _Ease:
+  """EASE's tables (values scaled by `popularity_scaled`) and their spread."""
+  columns: np.ndarray
+  values: np.ndarray
+  power: float
+  spread: float
 
-  def __init__(self, built, columns, values, eval_set, num_items, batch_size,
-               info):
-    self.built, self.columns, self.values = built, columns, values
-    self.info, self.num_items = info, num_items
+
+class _Parts:
+  """A towers model and its spread on `eval_set`, with which EASE's tables
+  are blended: `blend(ease, w)` is their blend at weight w, and
+  `scorer(ease, w)` scores it (the corpus is embedded once for all)."""
+
+  def __init__(self, built, eval_set, num_items, batch_size, info):
+    self.built, self.eval_set, self.info = built, eval_set, info
+    self.num_items, self.batch_size = num_items, batch_size
     self.embeddings = pipeline.item_embeddings(built.encoder, num_items)
     self.spread_towers = score_spread(
         pipeline.model_scorer(built, num_items, self.embeddings), eval_set,
         batch_size)
-    self.spread_ease = score_spread(
-        pipeline.ease_scorer(columns, values, num_items), eval_set,
-        batch_size)
 
-  def blend(self, w: float) -> pipeline.Built:
+  def ease(self, columns, values, counts, power: float) -> _Ease:
+    """EASE's tables divided by the books' `counts` to the `power`."""
+    values = ease_lib.popularity_scaled(columns, values, counts, power)
+    return _Ease(columns, values, power, score_spread(
+        pipeline.ease_scorer(columns, values, self.num_items),
+        self.eval_set, self.batch_size))
+
+  def blend(self, ease: _Ease, w: float) -> pipeline.Built:
     return dataclasses.replace(self.built, blend=ease_lib.Blend(
-        self.columns, self.values * np.float32(w / self.spread_ease),
+        ease.columns, ease.values * np.float32(w / ease.spread),
         (1.0 - w) / self.spread_towers,
-        {**self.info, "w": w, "spread_towers": self.spread_towers,
-         "spread_ease": self.spread_ease}))
+        {**self.info, "w": w, "popularity_power": ease.power,
+         "spread_towers": self.spread_towers, "spread_ease": ease.spread}))
 
-  def scorer(self, w: float):
-    return pipeline.model_scorer(self.blend(w), self.num_items,
+  def scorer(self, ease: _Ease, w: float):
+    return pipeline.model_scorer(self.blend(ease, w), self.num_items,
                                  self.embeddings)
 
 
@@ -112,7 +124,8 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
 
   Returns:
     The blend (None when validation prefers the towers alone, w = 0) and
-    what chose it: lambda, w and their validation grids.
+    what chose it: lambda, w, the popularity power and their validation
+    grids.
 
   Raises:
     ease_lib.TooManyItemsError: the corpus is over `train.ease_max_items`.
@@ -131,31 +144,44 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
     if best is None or val > best[0]:
       best = (val, lam, columns, values)
   _, lam, columns, values = best
-  parts = _Parts(chooser, columns, values, prep.val, n, batch, {})
-  weights, chosen = [], None
-  for w in sorted({0.0, *train.ease_weights}):
-    val = evaluation.evaluate(parts.scorer(w), prep.val,
-                              batch_size=batch)[TUNE_METRIC]
-    weights.append({"w": w, TUNE_METRIC: val})
-    logging.info("Towers + EASE at w %g: validation %s %.4f", w, TUNE_METRIC,
-                 val)
-    if chosen is None or val > chosen[0]:
-      chosen = (val, w)
+  parts = _Parts(chooser, prep.val, n, batch, {})
+  towers = evaluation.evaluate(
+      pipeline.model_scorer(chooser, n, parts.embeddings), prep.val,
+      batch_size=batch)[TUNE_METRIC]
+  weights = [{"w": 0.0, "popularity_power": 0.0, TUNE_METRIC: towers}]
+  chosen = (towers, 0.0, 0.0)
+  logging.info("The towers alone: validation %s %.4f", TUNE_METRIC, towers)
+  for power in sorted(set(train.ease_popularity_powers)):
+    ease = parts.ease(columns, values, prep.item_counts, power)
+    for w in sorted(set(train.ease_weights) - {0.0}):
+      val = evaluation.evaluate(parts.scorer(ease, w), prep.val,
+                                batch_size=batch)[TUNE_METRIC]
+      weights.append({"w": w, "popularity_power": power, TUNE_METRIC: val})
+      logging.info("Towers + EASE at w %g, popularity power %g: validation "
+                   "%s %.4f", w, power, TUNE_METRIC, val)
+      if val > chosen[0]:
+        chosen = (val, w, power)
   info = {"lambda": lam, "top_k": train.ease_top_k, "lambdas": lambdas,
-          "weights": weights, "w": chosen[1], "val_" + TUNE_METRIC: chosen[0]}
-  if chosen[1] == max(train.ease_weights) < 1.0:
-    logging.warning("The blend's w = %g is the largest of --ease_weights; a "
-                    "larger one may score higher on validation.", chosen[1])
+          "weights": weights, "w": chosen[1],
+          "popularity_power": chosen[2], "val_" + TUNE_METRIC: chosen[0]}
+  for flag, grid, value in (("--ease_weights", train.ease_weights, chosen[1]),
+                            ("--ease_popularity_powers",
+                             train.ease_popularity_powers, chosen[2])):
+    if value > 0 and value == max(grid):
+      logging.warning("The blend's %s = %g is the largest of %s; a larger "
+                      "one may score higher on validation.",
+                      flag[2:], value, flag)
   if chosen[1] == 0.0:
     logging.info("Validation prefers the towers alone to any blend with "
                  "EASE: the run exports the towers.")
     return None, info
   if view.fit_splits != prep.fit_splits:
     columns, values = ease_tables(view, lam, train.ease_top_k)
-  out = _Parts(exported, columns, values, view.val, n, batch, info).blend(
-      chosen[1])
-  out.blend.info["seconds"] = round(time.perf_counter() - start, 1)
-  return out, out.blend.info
+  out = _Parts(exported, view.val, n, batch, info)
+  built = out.blend(out.ease(columns, values, view.item_counts, chosen[2]),
+                    chosen[1])
+  built.blend.info["seconds"] = round(time.perf_counter() - start, 1)
+  return built, built.blend.info
 
 
 def save(blend: ease_lib.Blend | None, info: dict, model_dir: str,

@@ -350,7 +350,8 @@ def resumed_epoch(backup_dir: str) -> int:
 # model has (each member is a variant of its own, stamped with its seed),
 # nor the EASE blend, fitted after the towers.
 _NOT_SHAPING = ("verbose", "variants", "refit", "ensemble", "ease_weights",
-                "ease_lambdas", "ease_top_k", "ease_max_items")
+                "ease_lambdas", "ease_popularity_powers", "ease_top_k",
+                "ease_max_items")
 
 
 def _shaping(settings: dict) -> dict:
