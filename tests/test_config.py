@@ -157,3 +157,12 @@ def test_an_ensemble_is_capped_by_its_query_vectors():
   assert run(1, 4).train.ensemble == 4
   with pytest.raises(ValueError, match="256 query vectors"):
     run(4, 4)
+
+
+def test_a_blend_needs_a_popularity_power():
+  assert config.TrainConfig().ease_popularity_powers[0] == 0.0
+  config.TrainConfig(ease_weights=(), ease_popularity_powers=())
+  with pytest.raises(ValueError, match="--ease_popularity_powers"):
+    config.TrainConfig(ease_popularity_powers=())
+  with pytest.raises(ValueError, match="above 2.0"):
+    config.TrainConfig(ease_popularity_powers=(0.0, 3.0))

@@ -291,8 +291,9 @@ class TrainConfig(_Checked):
   ease_popularity_powers: tuple[float, ...] = setting(
       (0.0, 0.25, 0.5), "Powers beta tried on validation with each of "
       "--ease_weights: the blend divides EASE's score of a book by its "
-      "training events to the beta (0 = EASE as fitted; larger favours "
-      "less-read books).", lower=0.0, upper=2.0, each=float)
+      "events in EASE's fit (training, plus validation for a refit) to the "
+      "beta (0 = EASE as fitted; larger favours less-read books).",
+      lower=0.0, upper=2.0, each=float)
   ease_top_k: int = setting(
       512, "Weights kept per book of EASE's books x books matrix for the "
       "blend (those of the largest magnitude): the export holds books x "
@@ -312,6 +313,9 @@ class TrainConfig(_Checked):
       raise ValueError("--optimizer=catchup_adam does not support "
                        "--precision=mixed_float16 (mixed_bfloat16 needs no "
                        "loss scaling).")
+    if self.ease_weights and not self.ease_popularity_powers:
+      raise ValueError("--ease_weights blends EASE, which needs at least one "
+                       "of --ease_popularity_powers (0 = EASE as fitted).")
 
 
 @dataclasses.dataclass(frozen=True)

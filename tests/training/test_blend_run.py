@@ -16,6 +16,7 @@ import tensorflow as tf
 from tt_mimic.commands import evaluate as evaluate_command
 from tt_mimic.commands import train
 from tt_mimic.config import ExportConfig
+from tt_mimic.model import ease as ease_lib
 from tt_mimic.serving import catalog
 from tt_mimic.serving import export
 from tt_mimic.serving import recommender
@@ -26,7 +27,8 @@ import tiny_data
 
 FLAGS = flags.FLAGS
 WEIGHTS = (0.3, 0.9)
-POWERS = (0.0, 1.0)
+# No power 0: a chosen blend is always one whose EASE scores are divided.
+POWERS = (0.5, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,21 @@ def test_the_weight_is_the_best_on_validation(blend_run):
   assert lambdas[info["lambda"]] == max(lambdas.values())
   assert info["spread_towers"] > 0 and info["spread_ease"] > 0
   assert pipeline.exported_variant(blend_run) == name
+  # The exported blend holds EASE refitted on training plus validation
+  # events, divided by those events' counts to the chosen power.
+  config, prep = pipeline.open_run(blend_run)
+  view = pipeline.refit_view(prep, config.train)
+  assert not np.array_equal(view.item_counts, prep.item_counts)
+  saved = pipeline.load_blend(blend_run, name)
+  columns, values = blend_lib.ease_tables(view, info["lambda"], 30)
+  np.testing.assert_array_equal(saved.columns, columns)
+  expected = ease_lib.popularity_scaled(
+      columns, values, view.item_counts, info["popularity_power"])
+  np.testing.assert_allclose(
+      saved.values, expected * np.float32(info["w"] / info["spread_ease"]),
+      rtol=1e-5, atol=1e-8)
+  assert saved.tower_scale == pytest.approx(
+      (1 - info["w"]) / info["spread_towers"])
   # `tt-mimic evaluate` reloads the blend and reproduces its test metrics.
   with flagsaver.flagsaver(model_dir=blend_run, eval_split="test",
                            variant="exported"):

@@ -158,7 +158,7 @@ def popularity_scaled(columns: np.ndarray, values: np.ndarray,
   if power == 0:
     return values
   factor = np.maximum(np.asarray(counts, np.float64), 1.0) ** -float(power)
-  return (values * factor[columns]).astype(np.float32)
+  return values * factor.astype(np.float32)[columns]
 
 
 def scores(columns, values, books, num_items) -> tf.Tensor:
@@ -201,7 +201,8 @@ class Blend:
     columns, values: EASE's `sparse_rows`, the values already scaled by
       `popularity_scaled` and times w / s_e.
     tower_scale: a = (1 - w) / s_t, the towers' factor.
-    info: what chose it: lambda, w, the popularity power, s_t, s_e, top_k, the validation grid.
+    info: what chose it: lambda, w, the popularity power, s_t, s_e,
+      top_k, the validation grid.
   """
   columns: np.ndarray
   values: np.ndarray

@@ -3,11 +3,14 @@ towers.
 
 On validation, with `dat` (fitted on training events) and EASE fitted on
 the same events: EASE's lambda is chosen alone over `ease_lambdas`, then
-the weight w over 0 and `ease_weights` (Recall@20; 0 is the towers alone,
-and ties keep the smaller w). The exported towers are then blended with
-EASE fitted on their own events (training plus validation for a refit) at
-that lambda and w; their blend is the model `<exported>_ease`, which the
-run exports when w > 0.
+the weight w and the popularity power beta together (Recall@20): the
+towers alone (w = 0), then every w of `ease_weights` at every beta of
+`ease_popularity_powers` (`ease.popularity_scaled`); ties keep the towers,
+then the smaller beta, then the smaller w. The exported towers are then
+blended with EASE fitted on their own events (training plus validation for
+a refit, whose counts also divide its scores) at that lambda, w and beta;
+their blend is the model `<exported>_ease`, which the run exports when
+w > 0.
 
 Each model's scale (s_t, s_e: the median over the first
 `SCALE_USERS` validation users of each user's standard deviation of the
@@ -93,9 +96,8 @@ class _Parts:
     self.built, self.eval_set, self.info = built, eval_set, info
     self.num_items, self.batch_size = num_items, batch_size
     self.embeddings = pipeline.item_embeddings(built.encoder, num_items)
-    self.spread_towers = score_spread(
-        pipeline.model_scorer(built, num_items, self.embeddings), eval_set,
-        batch_size)
+    self.towers = pipeline.model_scorer(built, num_items, self.embeddings)
+    self.spread_towers = score_spread(self.towers, eval_set, batch_size)
 
   def ease(self, columns, values, counts, power: float) -> _Ease:
     """EASE's tables divided by the books' `counts` to the `power`."""
@@ -145,9 +147,8 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
       best = (val, lam, columns, values)
   _, lam, columns, values = best
   parts = _Parts(chooser, prep.val, n, batch, {})
-  towers = evaluation.evaluate(
-      pipeline.model_scorer(chooser, n, parts.embeddings), prep.val,
-      batch_size=batch)[TUNE_METRIC]
+  towers = evaluation.evaluate(parts.towers, prep.val,
+                               batch_size=batch)[TUNE_METRIC]
   weights = [{"w": 0.0, "popularity_power": 0.0, TUNE_METRIC: towers}]
   chosen = (towers, 0.0, 0.0)
   logging.info("The towers alone: validation %s %.4f", TUNE_METRIC, towers)
@@ -167,7 +168,9 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
   for flag, grid, value in (("--ease_weights", train.ease_weights, chosen[1]),
                             ("--ease_popularity_powers",
                              train.ease_popularity_powers, chosen[2])):
-    if value > 0 and value == max(grid):
+    upper = {f.name: f.metadata["upper"]
+             for f in dataclasses.fields(TrainConfig)}[flag[2:]]
+    if 0 < value == max(grid) and (upper is None or value < upper):
       logging.warning("The blend's %s = %g is the largest of %s; a larger "
                       "one may score higher on validation.",
                       flag[2:], value, flag)
