@@ -147,6 +147,29 @@ def test_claim_keeps_a_variant_when_only_refit_differs(tmp_path):
   assert not os.path.exists(marker)
 
 
+def test_claim_compares_input_files_not_their_spelling(tmp_path,
+                                                      monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  os.makedirs("data")
+  for name in ("books.csv", "users.csv", "other.csv"):
+    open(os.path.join("data", name), "w").close()
+
+  def stamp(books, users="data/users.csv"):
+    return {**_stamp(), "data": {"books_csv": books, "users_csv": users,
+                                 "min_rating": 0.0}}
+  directory = str(tmp_path / "variant")
+  trainer._claim(directory, stamp("data/books.csv"))
+  marker = os.path.join(directory, "weights")
+  open(marker, "w").close()
+  # The same files, spelled absolute or through "./": kept.
+  trainer._claim(directory, stamp(str(tmp_path / "data" / "books.csv"),
+                                  "./data/users.csv"))
+  assert os.path.exists(marker)
+  # Another file: cleared.
+  trainer._claim(directory, stamp("data/other.csv"))
+  assert not os.path.exists(marker)
+
+
 def test_an_ensemble_is_capped_by_its_query_vectors():
   """interests^members query vectors: 4^3 = 64 is allowed, 4^4 = 256 not."""
   def run(interests, ensemble):

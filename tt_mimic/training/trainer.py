@@ -354,13 +354,24 @@ _NOT_SHAPING = ("verbose", "variants", "refit", "ensemble", "ease_weights",
                 "ease_max_items")
 
 
+# The input files in a stamp's data section: compared as the files they
+# name, however the path is spelled (relative or absolute, links).
+_DATA_PATHS = ("books_csv", "users_csv")
+
+
 def _shaping(settings: dict) -> dict:
-  """A stamp without the settings of `_NOT_SHAPING`. Stamps written before
-  2026-12-06 hold them (verbose 0, variants None, refit as run)."""
-  if "train" not in settings:
-    return settings
-  return {**settings, "train": {k: v for k, v in settings["train"].items()
-                                if k not in _NOT_SHAPING}}
+  """A stamp without the settings of `_NOT_SHAPING` (stamps written before
+  2026-12-06 hold them: verbose 0, variants None, refit as run), and with
+  its input files' paths resolved (a relative one from the working
+  directory)."""
+  out = dict(settings)
+  if isinstance(out.get("data"), dict):
+    out["data"] = {k: os.path.realpath(v) if k in _DATA_PATHS and v else v
+                   for k, v in out["data"].items()}
+  if "train" in out:
+    out["train"] = {k: v for k, v in out["train"].items()
+                    if k not in _NOT_SHAPING}
+  return out
 
 
 def _claim(directory: str, settings: dict) -> None:
