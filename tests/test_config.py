@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 
@@ -164,6 +165,14 @@ def test_claim_compares_input_files_not_their_spelling(tmp_path,
   # The same files, spelled absolute or through "./": kept.
   trainer._claim(directory, stamp(str(tmp_path / "data" / "books.csv"),
                                   "./data/users.csv"))
+  assert os.path.exists(marker)
+  # The stamp keeps the spelling it was written with: a relative path
+  # follows the working directory (a project moved with its data resumes).
+  with open(os.path.join(directory, "settings.json")) as f:
+    assert json.load(f)["data"]["books_csv"] == "data/books.csv"
+  shutil.copytree(tmp_path / "data", tmp_path / "moved" / "data")
+  monkeypatch.chdir(tmp_path / "moved")
+  trainer._claim(directory, stamp("data/books.csv"))
   assert os.path.exists(marker)
   # Another file: cleared.
   trainer._claim(directory, stamp("data/other.csv"))

@@ -355,37 +355,44 @@ _NOT_SHAPING = ("verbose", "variants", "refit", "ensemble", "ease_weights",
 
 
 # The input files in a stamp's data section: compared as the files they
-# name, however the path is spelled (relative or absolute, links).
+# name now, however the path is spelled (relative or absolute, links), and
+# written as given (a relative path keeps following the working directory).
 _DATA_PATHS = ("books_csv", "users_csv")
 
 
 def _shaping(settings: dict) -> dict:
-  """A stamp without the settings of `_NOT_SHAPING` (stamps written before
-  2026-12-06 hold them: verbose 0, variants None, refit as run), and with
-  its input files' paths resolved (a relative one from the working
-  directory)."""
-  out = dict(settings)
-  if isinstance(out.get("data"), dict):
-    out["data"] = {k: os.path.realpath(v) if k in _DATA_PATHS and v else v
-                   for k, v in out["data"].items()}
-  if "train" in out:
-    out["train"] = {k: v for k, v in out["train"].items()
-                    if k not in _NOT_SHAPING}
-  return out
+  """A stamp without the settings of `_NOT_SHAPING`. Stamps written before
+  2026-12-06 hold them (verbose 0, variants None, refit as run)."""
+  if "train" not in settings:
+    return settings
+  return {**settings, "train": {k: v for k, v in settings["train"].items()
+                                if k not in _NOT_SHAPING}}
+
+
+def _resolved(settings: dict) -> dict:
+  """`settings` with its input files' paths resolved (a relative one from
+  the working directory), for comparing stamps."""
+  if not isinstance(settings.get("data"), dict):
+    return settings
+  return {**settings, "data": {
+      k: os.path.realpath(v) if k in _DATA_PATHS and v else v
+      for k, v in settings["data"].items()}}
 
 
 def _claim(directory: str, settings: dict) -> None:
   """Keeps a variant directory only if it was made with the same settings.
 
   A finished or interrupted run is resumed only when every setting that
-  shapes the result matches; otherwise its directory is cleared.
+  shapes the result matches (the input files as the files they name);
+  otherwise its directory is cleared.
   """
   settings = _shaping(settings)
   path = os.path.join(directory, "settings.json")
   text = json.dumps(settings, sort_keys=True, indent=1, default=str)
   if os.path.exists(path):
     with open(path) as f:
-      if same_settings(_shaping(json.load(f)), settings):
+      if same_settings(_resolved(_shaping(json.load(f))),
+                       _resolved(settings)):
         return
     logging.warning("%s was trained with other settings; starting over.",
                     directory)
