@@ -2,8 +2,8 @@
 
 A book i's score is (1 - w_i) towers / s_t + w_i m_i EASE / s_e with
 w_i = w n_i / (n_i + c) (c = 0: w for every book) and m_i = n_i^-beta
-(beta = 0: 1), n_i the book's fitted events over their median; s_t, s_e as the blend's
-(tt_mimic.training.blend), of EASE unscaled. Validation: dat with EASE on
+(beta = 0: 1), n_i the book's fitted events over their median; s_t,
+s_e as the blend's (tt_mimic.training.blend), of EASE unscaled. Validation: dat with EASE on
 training events; test: dat_refit with EASE on training plus validation.
 Prints Recall@20 / NDCG@20 and Recall@20 by popularity tier per point
 (docs/results.md, twenty-fifth session).
@@ -37,7 +37,7 @@ def main():
     built = pipeline.load_variant(run, config, view, name)
     columns, values = blend_lib.ease_tables(view, lam, config.train.ease_top_k)
     parts = blend_lib._Parts(built, view.val, n, 1024, {})  # pylint: disable=protected-access
-    towers = pipeline.model_scorer(built, n, parts.embeddings)
+    towers = parts.towers
     ease = pipeline.ease_scorer(columns, values, n)
     spread_ease = blend_lib.score_spread(ease, view.val, 1024)
     counts = np.asarray(view.item_counts, np.float32)

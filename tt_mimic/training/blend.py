@@ -165,15 +165,16 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
   info = {"lambda": lam, "top_k": train.ease_top_k, "lambdas": lambdas,
           "weights": weights, "w": chosen[1],
           "popularity_power": chosen[2], "val_" + TUNE_METRIC: chosen[0]}
-  for flag, grid, value in (("--ease_weights", train.ease_weights, chosen[1]),
-                            ("--ease_popularity_powers",
-                             train.ease_popularity_powers, chosen[2])):
-    upper = {f.name: f.metadata["upper"]
-             for f in dataclasses.fields(TrainConfig)}[flag[2:]]
-    if 0 < value == max(grid) and (upper is None or value < upper):
-      logging.warning("The blend's %s = %g is the largest of %s; a larger "
-                      "one may score higher on validation.",
-                      flag[2:], value, flag)
+  # A choice at its grid's top may want a larger grid, unless it is the
+  # setting's own upper bound.
+  uppers = {f.name: f.metadata["upper"]
+            for f in dataclasses.fields(TrainConfig)}
+  for name, value in (("ease_weights", chosen[1]),
+                      ("ease_popularity_powers", chosen[2])):
+    if 0 < value == max(getattr(train, name)) < uppers[name]:
+      logging.warning("The blend's %s = %g is the largest of --%s; a larger "
+                      "one may score higher on validation.", name, value,
+                      name)
   if chosen[1] == 0.0:
     logging.info("Validation prefers the towers alone to any blend with "
                  "EASE: the run exports the towers.")
