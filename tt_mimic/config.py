@@ -300,8 +300,14 @@ class TrainConfig(_Checked):
       "this (index, weight) pairs, and a user's EASE scores add up this "
       "many per known book.", lower=1)
   ease_max_items: int = setting(
-      40_000, "Largest corpus the blend fits EASE on (it inverts a dense "
-      "books x books matrix: 6 GiB at 40,000 books).", lower=1)
+      40_000, "Largest corpus the blend fits exact EASE on (it inverts a "
+      "dense books x books matrix: 6 GiB at 40,000 books); --ease_neighbours "
+      "has no cap.", lower=1)
+  ease_neighbours: int = setting(
+      0, "Fit the blend's EASE on neighbourhoods: each book's weights "
+      "regress on its N books of the most co-occurrences only (one N x N "
+      "solve per book, no books x books matrix, no --ease_max_items cap). "
+      "0 = exact EASE over all books.", lower=0)
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)

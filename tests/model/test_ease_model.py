@@ -89,3 +89,53 @@ def test_the_cap_names_the_flag():
   with pytest.raises(ease.TooManyItemsError, match="--ease_max_items"):
     ease.check_size(101, 100, "--ease_max_items")
   ease.check_size(100, 100, "--ease_max_items")
+
+
+def _dense(columns, values, n):
+  """B (0-based) from `sparse_rows`-style tables."""
+  out = np.zeros((n + 1, n + 1))
+  np.add.at(out, (np.repeat(np.arange(n + 1), columns.shape[1]),
+                  columns.ravel()), values.ravel())
+  return out[1:, 1:]
+
+
+def test_neighbourhoods_of_every_other_book_are_exact_ease():
+  # 40 users reading 8 of 10 books: every pair of books co-occurs, so each
+  # book's neighbourhood is all the others.
+  users, items = _pairs(4, users=40, items=10, per_user=8)
+  gram = ease.sparse_gram(users, items, 10)
+  assert (gram.toarray() > 0).all()
+  # A tiny block bound splits the books into many blocks.
+  columns, values = ease.neighbourhood_rows(gram, 7.0, 9, 10,
+                                            block_entries=150)
+  np.testing.assert_allclose(_dense(columns, values, 10),
+                             ease.fit(users, items, 10, 7.0), atol=1e-5)
+
+
+def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
+  users, items = _pairs(5, users=60, items=30, per_user=5)
+  gram = ease.gram(users, items, 30).astype(np.float64)
+  n, k = 30, 4
+  columns, values = ease.neighbourhood_rows(
+      ease.sparse_gram(users, items, 30), 3.0, k, 30, block_entries=200)
+  expected = np.zeros((n, n))
+  for j in range(n):
+    others = [i for i in range(n) if i != j and gram[i, j] > 0]
+    # The most co-occurrences first, ties to the smaller index.
+    s = sorted(others, key=lambda i: (-gram[i, j], i))[:k]
+    a = gram[np.ix_(s, s)] + 3.0 * np.eye(len(s))
+    expected[s, j] = np.linalg.solve(a, gram[s, j])
+  np.testing.assert_allclose(_dense(columns, values, n), expected, atol=1e-5)
+  # top_k keeps each book's weights of the largest magnitude.
+  short_columns, short_values = ease.neighbourhood_rows(
+      ease.sparse_gram(users, items, 30), 3.0, k, 2)
+  assert short_columns.shape == (31, 2) and not short_columns[0].any()
+  for j in range(n):
+    row = expected[j]
+    kept = dict(zip(short_columns[j + 1].tolist(), short_values[j + 1]))
+    kept.pop(0, None)
+    assert len(kept) == min(2, np.count_nonzero(row))
+    cut = np.sort(np.abs(row))[::-1][len(kept) - 1] if kept else 0.0
+    for c, v in kept.items():
+      assert v == pytest.approx(row[c - 1], abs=1e-5)
+      assert abs(v) >= cut - 1e-5

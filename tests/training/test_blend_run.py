@@ -1,6 +1,7 @@
 """--ease_weights: the exported towers blended with EASE, chosen on
 validation, evaluated, exported and served as one model."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from tt_mimic.serving import catalog
 from tt_mimic.serving import export
 from tt_mimic.serving import recommender
 from tt_mimic.training import blend as blend_lib
+from tt_mimic.training import evaluation
 from tt_mimic.training import pipeline
 
 import tiny_data
@@ -201,3 +203,28 @@ def test_the_export_serves_the_blend_it_evaluates(blend_run, tmp_path):
       if row["parent_asin"] in index:
         assert row["score"] == pytest.approx(
             expected[i][index[row["parent_asin"]]], abs=1e-4)
+
+
+def test_neighbourhood_ease_has_no_cap(blend_run):
+  config, prep = pipeline.open_run(blend_run)
+  view = pipeline.refit_view(prep, config.train)
+  dat = pipeline.load_variant(blend_run, config, prep, "dat")
+  towers = pipeline.load_variant(blend_run, config, view, "dat_refit")
+  capped = dataclasses.replace(
+      config.train, ease_max_items=3, ease_lambdas=(5.0,),
+      ease_popularity_powers=(0.0,), ease_weights=WEIGHTS)
+  with pytest.raises(ease_lib.TooManyItemsError, match="ease_neighbours"):
+    blend_lib.fit(prep, view, dat, towers, capped)
+  wide = dataclasses.replace(capped, ease_neighbours=6)
+  built, info = blend_lib.fit(prep, view, dat, towers, wide)
+  assert info["neighbours"] == 6
+  # Validation scored the neighbourhood EASE, not the exact one.
+  n = len(prep.data.items)
+  tables = blend_lib.ease_tables(prep, 5.0, 30, 6)
+  assert not np.array_equal(tables[1], blend_lib.ease_tables(prep, 5.0, 30)[1])
+  val = evaluation.evaluate(pipeline.ease_scorer(*tables, n), prep.val,
+                            batch_size=config.train.eval_batch_size)
+  assert info["lambdas"] == [{"lambda": 5.0, "recall@20": val["recall@20"]}]
+  if built is not None:  # the export's tables: refitted the same way
+    np.testing.assert_array_equal(
+        built.blend.columns, blend_lib.ease_tables(view, 5.0, 30, 6)[0])

@@ -119,6 +119,124 @@ def fit(users: np.ndarray, items: np.ndarray, n_items: int,
   return weights_from_gram(gram(users, items, n_items), lam)
 
 
+def sparse_gram(users: np.ndarray, items: np.ndarray, n_items: int):
+  """X^T X as a SciPy CSR matrix (float32 counts, sorted indices)."""
+  from scipy import sparse  # pylint: disable=import-outside-toplevel
+  x = sparse.csr_matrix(
+      (np.ones(len(users), np.float32), (users, items)),
+      shape=(int(users.max()) + 1 if len(users) else 1, n_items))
+  gram_matrix = (x.T @ x).tocsr()
+  gram_matrix.sort_indices()
+  return gram_matrix
+
+
+def _neighbours(gram_matrix, targets: np.ndarray, neighbours: int):
+  """Each target's `neighbours` books of the most co-occurrences (ties: the
+  smaller index), itself left out: ([targets, N] indices, -1 past a
+  book's co-occurring books; [targets, N] their counts)."""
+  g = gram_matrix[targets]
+  owner = np.repeat(np.arange(len(targets)), np.diff(g.indptr))
+  keep = g.indices != targets[owner]
+  owner, cols, counts = owner[keep], g.indices[keep], g.data[keep]
+  order = np.lexsort((cols, -counts, owner))
+  owner, cols, counts = owner[order], cols[order], counts[order]
+  rank = np.arange(len(owner)) - np.searchsorted(owner, owner)
+  keep = rank < neighbours
+  index = np.full((len(targets), neighbours), -1, np.int64)
+  value = np.zeros((len(targets), neighbours), np.float64)
+  index[owner[keep], rank[keep]] = cols[keep]
+  value[owner[keep], rank[keep]] = counts[keep]
+  return index, value
+
+
+def neighbourhood_rows(gram_matrix, lam: float, neighbours: int, top_k: int,
+                       block_entries: int = 2 ** 24
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """EASE restricted to neighbourhoods, as `sparse_rows`' tables.
+
+  Column j of EASE's B is the ridge regression of book j's readers on all
+  other books, (G_SS + lambda I)^-1 G_Sj with S every other book. Here S is
+  the `neighbours` books that co-occur most with j (feature-selected SLIM,
+  Ning and Karypis, "SLIM", ICDM 2011): one N x N solve per book and no
+  books x books matrix, so no cap on the corpus. With N >= books - 1 it is
+  EASE but for the books that never co-occur with j (weight 0 here).
+
+  Args:
+    gram_matrix: `sparse_gram`'s X^T X.
+    lam: the L2 weight.
+    neighbours: N.
+    top_k: as `sparse_rows`.
+    block_entries: about how many numbers a block of books holds at once
+      (its neighbours' Gram rows, its N x N systems): the memory bound.
+  """
+  n = gram_matrix.shape[0]
+  width = max(1, min(int(neighbours), n - 1))
+  row_nnz = np.append(np.diff(gram_matrix.indptr), 0)  # [-1] = padding
+  per_book_fixed = width * width
+  sources, targets, weights = [], [], []
+  for chunk in range(0, n, 4096):
+    books = np.arange(chunk, min(n, chunk + 4096))
+    index, value = _neighbours(gram_matrix, books, width)
+    cost = np.cumsum(row_nnz[index].sum(axis=1) + per_book_fixed)
+    lo = 0
+    while lo < len(books):
+      # At least one book per block, then as many as fit the bound.
+      hi = max(lo + 1, int(np.searchsorted(
+          cost, (cost[lo - 1] if lo else 0) + block_entries, side="right")))
+      a = _neighbourhood_grams(gram_matrix, index[lo:hi])
+      diagonal = np.arange(width)
+      a[:, diagonal, diagonal] += lam
+      solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
+      real = index[lo:hi] >= 0
+      sources.append(index[lo:hi][real])
+      targets.append(np.broadcast_to(books[lo:hi, None], real.shape)[real])
+      weights.append(solved[real].astype(np.float32))
+      lo = hi
+  return _rows_from_entries(np.concatenate(sources), np.concatenate(targets),
+                            np.concatenate(weights), n, top_k)
+
+
+def _neighbourhood_grams(gram_matrix, index: np.ndarray) -> np.ndarray:
+  """[targets, N, N] float64 G[S_t, S_t] for each target's neighbours S_t
+  (`_neighbours`' index; -1 rows and columns stay 0)."""
+  count, width = index.shape
+  out = np.zeros((count, width, width), np.float64)
+  real = index >= 0
+  if not real.any():
+    return out
+  owner, slot = np.nonzero(real)
+  rows = gram_matrix[index[real]]
+  per_row = np.diff(rows.indptr)
+  entry_owner = np.repeat(owner, per_row)
+  entry_slot = np.repeat(slot, per_row)
+  n = gram_matrix.shape[1]
+  # Where each entry's column sits in its owner's S: look its key up among
+  # the sorted keys owner * n + S.
+  keys = owner.astype(np.int64) * n + index[real]
+  order = np.argsort(keys, kind="stable")
+  wanted = entry_owner.astype(np.int64) * n + rows.indices
+  at = np.minimum(np.searchsorted(keys[order], wanted), len(keys) - 1)
+  hit = keys[order][at] == wanted
+  out[entry_owner[hit], entry_slot[hit], slot[order][at][hit]] = rows.data[hit]
+  return out
+
+
+def _rows_from_entries(sources, targets, weights, n: int, top_k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """`sparse_rows`' tables from B's nonzero entries B[source, target]
+  (0-based): each source book keeps its `top_k` of the largest magnitude."""
+  order = np.lexsort((targets, -np.abs(weights), sources))
+  sources, targets, weights = sources[order], targets[order], weights[order]
+  rank = np.arange(len(sources)) - np.searchsorted(sources, sources)
+  keep = rank < top_k
+  k = max(1, int(rank[keep].max()) + 1 if keep.any() else 1)
+  columns = np.zeros((n + 1, k), np.int32)
+  values = np.zeros((n + 1, k), np.float32)
+  columns[sources[keep] + 1, rank[keep]] = targets[keep] + 1
+  values[sources[keep] + 1, rank[keep]] = weights[keep]
+  return columns, values
+
+
 def sparse_rows(weights: np.ndarray, top_k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Each book's `top_k` weights of the largest magnitude: (columns,

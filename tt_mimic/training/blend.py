@@ -52,11 +52,17 @@ def fit_pairs(events, splits=(ingest.SPLIT_TRAIN,)
   return keys // n_items, keys % n_items
 
 
-def ease_tables(prep: pipeline.Prepared, lam: float, top_k: int):
-  """EASE fitted on the events `prep`'s models fit on, as `sparse_rows`."""
+def ease_tables(prep: pipeline.Prepared, lam: float, top_k: int,
+                neighbours: int = 0):
+  """EASE fitted on the events `prep`'s models fit on, as `sparse_rows`:
+  exact (0 `neighbours`) or on each book's `neighbours` most co-occurring
+  books (`ease.neighbourhood_rows`)."""
   users, items = fit_pairs(prep.data.events, prep.fit_splits)
-  weights = ease_lib.fit(users, items, len(prep.data.items), lam)
-  return ease_lib.sparse_rows(weights, top_k)
+  n = len(prep.data.items)
+  if neighbours:
+    return ease_lib.neighbourhood_rows(ease_lib.sparse_gram(users, items, n),
+                                       lam, neighbours, top_k)
+  return ease_lib.sparse_rows(ease_lib.fit(users, items, n, lam), top_k)
 
 
 def score_spread(score_fn, eval_set, batch_size: int,
@@ -130,15 +136,19 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
     grids.
 
   Raises:
-    ease_lib.TooManyItemsError: the corpus is over `train.ease_max_items`.
+    ease_lib.TooManyItemsError: exact EASE (no `train.ease_neighbours`)
+      on a corpus over `train.ease_max_items`.
   """
   n = len(prep.data.items)
-  ease_lib.check_size(n, train.ease_max_items, "--ease_max_items")
+  if not train.ease_neighbours:
+    ease_lib.check_size(n, train.ease_max_items, "--ease_max_items (or set "
+                        "--ease_neighbours)")
   start = time.perf_counter()
   batch = train.eval_batch_size
   lambdas, best = [], None
   for lam in train.ease_lambdas:
-    columns, values = ease_tables(prep, lam, train.ease_top_k)
+    columns, values = ease_tables(prep, lam, train.ease_top_k,
+                                  train.ease_neighbours)
     val = evaluation.evaluate(pipeline.ease_scorer(columns, values, n),
                               prep.val, batch_size=batch)[TUNE_METRIC]
     lambdas.append({"lambda": lam, TUNE_METRIC: val})
@@ -162,7 +172,8 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
                    "%s %.4f", w, power, TUNE_METRIC, val)
       if val > chosen[0]:
         chosen = (val, w, power)
-  info = {"lambda": lam, "top_k": train.ease_top_k, "lambdas": lambdas,
+  info = {"lambda": lam, "top_k": train.ease_top_k,
+          "neighbours": train.ease_neighbours, "lambdas": lambdas,
           "weights": weights, "w": chosen[1],
           "popularity_power": chosen[2], "val_" + TUNE_METRIC: chosen[0]}
   # A choice at its grid's top may want a larger grid, unless it is the
@@ -180,7 +191,8 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
                  "EASE: the run exports the towers.")
     return None, info
   if view.fit_splits != prep.fit_splits:
-    columns, values = ease_tables(view, lam, train.ease_top_k)
+    columns, values = ease_tables(view, lam, train.ease_top_k,
+                                  train.ease_neighbours)
   out = _Parts(exported, view.val, n, batch, info)
   built = out.blend(out.ease(columns, values, view.item_counts, chosen[2]),
                     chosen[1])

@@ -351,7 +351,7 @@ def resumed_epoch(backup_dir: str) -> int:
 # nor the EASE blend, fitted after the towers.
 _NOT_SHAPING = ("verbose", "variants", "refit", "ensemble", "ease_weights",
                 "ease_lambdas", "ease_popularity_powers", "ease_top_k",
-                "ease_max_items")
+                "ease_max_items", "ease_neighbours")
 
 
 # The input files in a stamp's data section: compared as the files they
