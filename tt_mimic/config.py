@@ -300,14 +300,14 @@ class TrainConfig(_Checked):
       "this (index, weight) pairs, and a user's EASE scores add up this "
       "many per known book.", lower=1)
   ease_max_items: int = setting(
-      40_000, "Largest corpus the blend fits exact EASE on (it inverts a "
-      "dense books x books matrix: 6 GiB at 40,000 books); --ease_neighbours "
-      "has no cap.", lower=1)
+      20_000, "Largest corpus the blend fits exact EASE on: it inverts a "
+      "dense books x books matrix, about four of them at peak (6 GiB at "
+      "20,000 books). Above it, --ease_neighbours.", lower=1)
   ease_neighbours: int = setting(
-      0, "Fit the blend's EASE on neighbourhoods: each book's weights "
-      "regress on its N books of the most co-occurrences only (one N x N "
-      "solve per book, no books x books matrix, no --ease_max_items cap). "
-      "0 = exact EASE over all books.", lower=0)
+      256, "Above --ease_max_items books, the blend fits EASE on "
+      "neighbourhoods: each book's weights regress on its N books of the "
+      "most co-reads only (one N x N solve per book, no books x books "
+      "matrix). 0 = no blend above the cap.", lower=0)
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)

@@ -106,7 +106,7 @@ def test_neighbourhoods_of_every_other_book_are_exact_ease():
   gram = ease.sparse_gram(users, items, 10)
   assert (gram.toarray() > 0).all()
   # A tiny block bound splits the books into many blocks.
-  columns, values = ease.neighbourhood_rows(gram, 7.0, 9, 10,
+  columns, values = ease.neighbourhood_rows(users, items, 10, 7.0, 9, 10,
                                             block_entries=150)
   np.testing.assert_allclose(_dense(columns, values, 10),
                              ease.fit(users, items, 10, 7.0), atol=1e-5)
@@ -116,8 +116,8 @@ def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
   users, items = _pairs(5, users=60, items=30, per_user=5)
   gram = ease.gram(users, items, 30).astype(np.float64)
   n, k = 30, 4
-  columns, values = ease.neighbourhood_rows(
-      ease.sparse_gram(users, items, 30), 3.0, k, 30, block_entries=200)
+  columns, values = ease.neighbourhood_rows(users, items, 30, 3.0, k, 30,
+                                            block_entries=60)
   expected = np.zeros((n, n))
   for j in range(n):
     others = [i for i in range(n) if i != j and gram[i, j] > 0]
@@ -128,7 +128,7 @@ def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
   np.testing.assert_allclose(_dense(columns, values, n), expected, atol=1e-5)
   # top_k keeps each book's weights of the largest magnitude.
   short_columns, short_values = ease.neighbourhood_rows(
-      ease.sparse_gram(users, items, 30), 3.0, k, 2)
+      users, items, 30, 3.0, k, 2)
   assert short_columns.shape == (31, 2) and not short_columns[0].any()
   for j in range(n):
     row = expected[j]

@@ -205,14 +205,14 @@ def test_the_export_serves_the_blend_it_evaluates(blend_run, tmp_path):
             expected[i][index[row["parent_asin"]]], abs=1e-4)
 
 
-def test_neighbourhood_ease_has_no_cap(blend_run):
+def test_neighbourhood_ease_above_the_cap(blend_run):
   config, prep = pipeline.open_run(blend_run)
   view = pipeline.refit_view(prep, config.train)
   dat = pipeline.load_variant(blend_run, config, prep, "dat")
   towers = pipeline.load_variant(blend_run, config, view, "dat_refit")
   capped = dataclasses.replace(
       config.train, ease_max_items=3, ease_lambdas=(5.0,),
-      ease_popularity_powers=(0.0,), ease_weights=WEIGHTS)
+      ease_popularity_powers=(0.0,), ease_weights=WEIGHTS, ease_neighbours=0)
   with pytest.raises(ease_lib.TooManyItemsError, match="ease_neighbours"):
     blend_lib.fit(prep, view, dat, towers, capped)
   wide = dataclasses.replace(capped, ease_neighbours=6)

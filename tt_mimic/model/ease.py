@@ -149,10 +149,12 @@ def _neighbours(gram_matrix, targets: np.ndarray, neighbours: int):
   return index, value
 
 
-def neighbourhood_rows(gram_matrix, lam: float, neighbours: int, top_k: int,
-                       block_entries: int = 2 ** 24
+def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
+                       lam: float, neighbours: int, top_k: int,
+                       block_entries: int = 2 ** 23
                        ) -> tuple[np.ndarray, np.ndarray]:
-  """EASE restricted to neighbourhoods, as `sparse_rows`' tables.
+  """EASE restricted to neighbourhoods, as `sparse_rows`' tables, from
+  distinct 0-based (user, book) pairs.
 
   Column j of EASE's B is the ridge regression of book j's readers on all
   other books, (G_SS + lambda I)^-1 G_Sj with S every other book. Here S is
@@ -162,28 +164,29 @@ def neighbourhood_rows(gram_matrix, lam: float, neighbours: int, top_k: int,
   EASE but for the books that never co-occur with j (weight 0 here).
 
   Args:
-    gram_matrix: `sparse_gram`'s X^T X.
     lam: the L2 weight.
     neighbours: N.
     top_k: as `sparse_rows`.
-    block_entries: about how many numbers a block of books holds at once
-      (its neighbours' Gram rows, its N x N systems): the memory bound.
+    block_entries: about how many (book, reader) entries a block of books
+      reads at a time, and so its co-read pairs (the memory bound).
   """
-  n = gram_matrix.shape[0]
-  width = max(1, min(int(neighbours), n - 1))
-  row_nnz = np.append(np.diff(gram_matrix.indptr), 0)  # [-1] = padding
-  per_book_fixed = width * width
+  gram_matrix = sparse_gram(users, items, n_items)
+  by_book = np.argsort(items, kind="stable")
+  readers = users[by_book]
+  starts = np.searchsorted(items[by_book], np.arange(n_items + 1))
+  read = np.append(np.diff(starts), 0)  # [-1]: the padding reads nothing
+  width = max(1, min(int(neighbours), n_items - 1))
   sources, targets, weights = [], [], []
-  for chunk in range(0, n, 4096):
-    books = np.arange(chunk, min(n, chunk + 4096))
+  for chunk in range(0, n_items, 4096):
+    books = np.arange(chunk, min(n_items, chunk + 4096))
     index, value = _neighbours(gram_matrix, books, width)
-    cost = np.cumsum(row_nnz[index].sum(axis=1) + per_book_fixed)
+    cost = np.cumsum(read[index].sum(axis=1) + width * width)
     lo = 0
     while lo < len(books):
       # At least one book per block, then as many as fit the bound.
       hi = max(lo + 1, int(np.searchsorted(
           cost, (cost[lo - 1] if lo else 0) + block_entries, side="right")))
-      a = _neighbourhood_grams(gram_matrix, index[lo:hi])
+      a = _neighbourhood_grams(readers, starts, index[lo:hi])
       diagonal = np.arange(width)
       a[:, diagonal, diagonal] += lam
       solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
@@ -193,32 +196,46 @@ def neighbourhood_rows(gram_matrix, lam: float, neighbours: int, top_k: int,
       weights.append(solved[real].astype(np.float32))
       lo = hi
   return _rows_from_entries(np.concatenate(sources), np.concatenate(targets),
-                            np.concatenate(weights), n, top_k)
+                            np.concatenate(weights), n_items, top_k)
 
 
-def _neighbourhood_grams(gram_matrix, index: np.ndarray) -> np.ndarray:
-  """[targets, N, N] float64 G[S_t, S_t] for each target's neighbours S_t
-  (`_neighbours`' index; -1 rows and columns stay 0)."""
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+  """The concatenated aranges [start, stop) (vectorized)."""
+  lengths = stops - starts
+  offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+  return np.repeat(starts, lengths) + np.arange(lengths.sum()) - offsets
+
+
+def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
+                         index: np.ndarray) -> np.ndarray:
+  """[targets, N, N] float64 G[S_t, S_t] = X_S^T X_S for each target's
+  neighbours S_t (`_neighbours`' index; -1 rows and columns stay 0): the
+  co-reads among S_t, counted from the readers of its books (book b's
+  readers: readers[starts[b]:starts[b + 1]], sorted by book)."""
   count, width = index.shape
-  out = np.zeros((count, width, width), np.float64)
-  real = index >= 0
-  if not real.any():
-    return out
-  owner, slot = np.nonzero(real)
-  rows = gram_matrix[index[real]]
-  per_row = np.diff(rows.indptr)
-  entry_owner = np.repeat(owner, per_row)
-  entry_slot = np.repeat(slot, per_row)
-  n = gram_matrix.shape[1]
-  # Where each entry's column sits in its owner's S: look its key up among
-  # the sorted keys owner * n + S.
-  keys = owner.astype(np.int64) * n + index[real]
-  order = np.argsort(keys, kind="stable")
-  wanted = entry_owner.astype(np.int64) * n + rows.indices
-  at = np.minimum(np.searchsorted(keys[order], wanted), len(keys) - 1)
-  hit = keys[order][at] == wanted
-  out[entry_owner[hit], entry_slot[hit], slot[order][at][hit]] = rows.data[hit]
-  return out
+  owner, slot = np.nonzero(index >= 0)
+  books = index[owner, slot]
+  lengths = starts[books + 1] - starts[books]
+  # One entry per (target, neighbour, reader), grouped by (target, reader):
+  # each group's slots pair up with each other (the diagonal included).
+  entry_owner = np.repeat(owner, lengths)
+  entry_slot = np.repeat(slot, lengths)
+  entry_user = readers[_ranges(starts[books], starts[books + 1])]
+  order = np.lexsort((entry_user, entry_owner))
+  entry_owner, entry_slot, entry_user = (entry_owner[order],
+                                         entry_slot[order], entry_user[order])
+  new = np.r_[True, (entry_owner[1:] != entry_owner[:-1])
+              | (entry_user[1:] != entry_user[:-1])]
+  group_start = np.flatnonzero(new)
+  size = np.diff(np.r_[group_start, len(entry_owner)])
+  per_entry = np.repeat(size, size)
+  left = np.repeat(np.arange(len(entry_owner)), per_entry)
+  right = _ranges(np.repeat(group_start, size),
+                  np.repeat(group_start + size, size))
+  flat = ((entry_owner[left] * width + entry_slot[left]) * width
+          + entry_slot[right])
+  return np.bincount(flat, minlength=count * width * width).reshape(
+      count, width, width).astype(np.float64)
 
 
 def _rows_from_entries(sources, targets, weights, n: int, top_k: int

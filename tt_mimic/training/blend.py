@@ -60,8 +60,8 @@ def ease_tables(prep: pipeline.Prepared, lam: float, top_k: int,
   users, items = fit_pairs(prep.data.events, prep.fit_splits)
   n = len(prep.data.items)
   if neighbours:
-    return ease_lib.neighbourhood_rows(ease_lib.sparse_gram(users, items, n),
-                                       lam, neighbours, top_k)
+    return ease_lib.neighbourhood_rows(users, items, n, lam, neighbours,
+                                       top_k)
   return ease_lib.sparse_rows(ease_lib.fit(users, items, n, lam), top_k)
 
 
@@ -136,19 +136,20 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
     grids.
 
   Raises:
-    ease_lib.TooManyItemsError: exact EASE (no `train.ease_neighbours`)
-      on a corpus over `train.ease_max_items`.
+    ease_lib.TooManyItemsError: the corpus is over `train.ease_max_items`
+      and `train.ease_neighbours` is 0.
   """
   n = len(prep.data.items)
-  if not train.ease_neighbours:
+  # Exact EASE up to the cap, neighbourhoods above it.
+  neighbours = train.ease_neighbours if n > train.ease_max_items else 0
+  if not neighbours:
     ease_lib.check_size(n, train.ease_max_items, "--ease_max_items (or set "
                         "--ease_neighbours)")
   start = time.perf_counter()
   batch = train.eval_batch_size
   lambdas, best = [], None
   for lam in train.ease_lambdas:
-    columns, values = ease_tables(prep, lam, train.ease_top_k,
-                                  train.ease_neighbours)
+    columns, values = ease_tables(prep, lam, train.ease_top_k, neighbours)
     val = evaluation.evaluate(pipeline.ease_scorer(columns, values, n),
                               prep.val, batch_size=batch)[TUNE_METRIC]
     lambdas.append({"lambda": lam, TUNE_METRIC: val})
@@ -173,7 +174,7 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
       if val > chosen[0]:
         chosen = (val, w, power)
   info = {"lambda": lam, "top_k": train.ease_top_k,
-          "neighbours": train.ease_neighbours, "lambdas": lambdas,
+          "neighbours": neighbours, "lambdas": lambdas,
           "weights": weights, "w": chosen[1],
           "popularity_power": chosen[2], "val_" + TUNE_METRIC: chosen[0]}
   # A choice at its grid's top may want a larger grid, unless it is the
@@ -191,8 +192,7 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
                  "EASE: the run exports the towers.")
     return None, info
   if view.fit_splits != prep.fit_splits:
-    columns, values = ease_tables(view, lam, train.ease_top_k,
-                                  train.ease_neighbours)
+    columns, values = ease_tables(view, lam, train.ease_top_k, neighbours)
   out = _Parts(exported, view.val, n, batch, info)
   built = out.blend(out.ease(columns, values, view.item_counts, chosen[2]),
                     chosen[1])
