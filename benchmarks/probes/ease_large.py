@@ -8,7 +8,8 @@ its validation grid and the test Recall@20 / NDCG@20 of dat_refit blended
 session).
 
 - `neighbours:N`: `--ease_neighbours=N` (tt_mimic.model.ease
-  .neighbourhood_rows), the product's own path.
+  .neighbourhood_rows), the product's own path above `--ease_max_items`,
+  here at any corpus size.
 - `subset:M`: exact EASE on the M books with the most fitted events only;
   the other books get no EASE weights (what a cap that keeps the head
   would give).
@@ -77,7 +78,8 @@ def main():
   train = dataclasses.replace(
       config.train, ease_lambdas=tuple(float(x) for x in lambdas.split(",")))
   if mode == "neighbours":
-    train = dataclasses.replace(train, ease_neighbours=int(value))
+    train = dataclasses.replace(train, ease_neighbours=int(value),
+                                ease_max_items=1)  # at any corpus size
   else:
     blend_lib.ease_tables = (_subset_tables(int(value)) if mode == "subset"
                              else _knn_tables)
