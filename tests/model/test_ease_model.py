@@ -105,11 +105,13 @@ def test_neighbourhoods_of_every_other_book_are_exact_ease():
   users, items = _pairs(4, users=40, items=10, per_user=8)
   gram = ease.sparse_gram(users, items, 10)
   assert (gram.toarray() > 0).all()
-  # A tiny block bound splits the books into many blocks.
-  columns, values = ease.neighbourhood_rows(users, items, 10, 7.0, 9, 10,
-                                            block_entries=150)
-  np.testing.assert_allclose(_dense(columns, values, 10),
-                             ease.fit(users, items, 10, 7.0), atol=1e-5)
+  # The default bound takes all books in one block; a tiny one splits
+  # them into many, and counts each neighbourhood by a sparse product.
+  for bound in (2 ** 23, 150):
+    columns, values = ease.neighbourhood_rows(users, items, 10, 7.0, 9, 10,
+                                              block_entries=bound)
+    np.testing.assert_allclose(_dense(columns, values, 10),
+                               ease.fit(users, items, 10, 7.0), atol=1e-5)
 
 
 def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
@@ -139,3 +141,21 @@ def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
     for c, v in kept.items():
       assert v == pytest.approx(row[c - 1], abs=1e-5)
       assert abs(v) >= cut - 1e-5
+
+
+def test_neighbourhood_grams_split_and_sparse_paths_agree():
+  users, items = _pairs(6, users=50, items=20, per_user=6)
+  order = np.argsort(items, kind="stable")
+  readers = users[order]
+  starts = np.searchsorted(items[order], np.arange(21))
+  gram = ease.gram(users, items, 20)
+  index = np.array([[0, 3, 7, -1], [5, 1, 2, 9], [19, -1, -1, -1],
+                    [4, 6, 8, 10]])
+  expected = np.zeros((4, 4, 4))
+  for t, row in enumerate(index):
+    real = np.flatnonzero(row >= 0)
+    expected[t][np.ix_(real, real)] = gram[np.ix_(row[real], row[real])]
+  # One pass, halving blocks, and single targets by the sparse product.
+  for max_pairs in (10 ** 9, 60, 1):
+    got = ease._neighbourhood_grams(readers, starts, index, max_pairs)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(got, expected)

@@ -186,7 +186,8 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
       # At least one book per block, then as many as fit the bound.
       hi = max(lo + 1, int(np.searchsorted(
           cost, (cost[lo - 1] if lo else 0) + block_entries, side="right")))
-      a = _neighbourhood_grams(readers, starts, index[lo:hi])
+      a = _neighbourhood_grams(readers, starts, index[lo:hi],
+                               4 * block_entries)
       diagonal = np.arange(width)
       a[:, diagonal, diagonal] += lam
       solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
@@ -207,11 +208,15 @@ def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
 
 
 def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
-                         index: np.ndarray) -> np.ndarray:
+                         index: np.ndarray, max_pairs: int) -> np.ndarray:
   """[targets, N, N] float64 G[S_t, S_t] = X_S^T X_S for each target's
   neighbours S_t (`_neighbours`' index; -1 rows and columns stay 0): the
   co-reads among S_t, counted from the readers of its books (book b's
-  readers: readers[starts[b]:starts[b + 1]], sorted by book)."""
+  readers: readers[starts[b]:starts[b + 1]], sorted by book).
+
+  The count pairs up each reader's books in S_t: a block whose pairs pass
+  `max_pairs` is split in two, and a single target's are counted by a
+  sparse product instead (memory N x N)."""
   count, width = index.shape
   owner, slot = np.nonzero(index >= 0)
   books = index[owner, slot]
@@ -228,6 +233,13 @@ def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
               | (entry_user[1:] != entry_user[:-1])]
   group_start = np.flatnonzero(new)
   size = np.diff(np.r_[group_start, len(entry_owner)])
+  if int(np.sum(size.astype(np.int64) ** 2)) > max_pairs:
+    if count > 1:
+      half = count // 2
+      return np.concatenate([
+          _neighbourhood_grams(readers, starts, index[:half], max_pairs),
+          _neighbourhood_grams(readers, starts, index[half:], max_pairs)])
+    return _sparse_neighbourhood_gram(readers, starts, index[0])[None]
   per_entry = np.repeat(size, size)
   left = np.repeat(np.arange(len(entry_owner)), per_entry)
   right = _ranges(np.repeat(group_start, size),
@@ -236,6 +248,25 @@ def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
           + entry_slot[right])
   return np.bincount(flat, minlength=count * width * width).reshape(
       count, width, width).astype(np.float64)
+
+
+def _sparse_neighbourhood_gram(readers: np.ndarray, starts: np.ndarray,
+                               books: np.ndarray) -> np.ndarray:
+  """[N, N] float64 X_S^T X_S for one target's neighbours `books` (-1:
+  none), by SciPy's sparse product (`_neighbourhood_grams`' layout)."""
+  from scipy import sparse  # pylint: disable=import-outside-toplevel
+  width = len(books)
+  real = np.flatnonzero(books >= 0)
+  picked = books[real]
+  lengths = starts[picked + 1] - starts[picked]
+  rows = readers[_ranges(starts[picked], starts[picked + 1])]
+  x = sparse.csc_matrix(
+      (np.ones(len(rows), np.float64), rows,
+       np.r_[0, np.cumsum(lengths)]),
+      shape=(int(readers.max()) + 1 if len(readers) else 1, len(picked)))
+  out = np.zeros((width, width), np.float64)
+  out[np.ix_(real, real)] = (x.T @ x).toarray()
+  return out
 
 
 def _rows_from_entries(sources, targets, weights, n: int, top_k: int
