@@ -25,8 +25,9 @@ Each book keeps the `top_k` entries of its row of B of the largest
 magnitude (`sparse_rows`):
 a user's EASE scores are then a scatter of a few hundred entries per known
 book, cheap at serving time, and the table is books x top_k instead of
-books x books. Fitting needs the dense books x books inverse, so EASE has a
-cap on the corpus (`check_size`).
+books x books. Exact EASE needs the dense books x books inverse, so it
+has a cap on the corpus (`check_size`); `neighbourhood_rows` fits each
+book on its most co-read books instead, with no dense books x books matrix.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def check_size(n_items: int, max_items: int, flag: str) -> None:
     gib = n_items ** 2 * 4 / 2 ** 30
     raise TooManyItemsError(
         f"EASE refuses {n_items:,} books: it inverts a dense books x books "
-        f"matrix ({gib:.1f} GiB in float32; fitting holds up to two) and the "
+        f"matrix ({gib:.1f} GiB in float32; fitting holds about four) and "
+        "the "
         f"cap is {max_items:,} books. Raise {flag} if the machine has the "
         "memory.")
 
@@ -154,7 +156,7 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
                        block_entries: int = 2 ** 23
                        ) -> tuple[np.ndarray, np.ndarray]:
   """EASE restricted to neighbourhoods, as `sparse_rows`' tables, from
-  distinct 0-based (user, book) pairs.
+  distinct 0-based (user, book) pairs (a repeated pair would count twice).
 
   Column j of EASE's B is the ridge regression of book j's readers on all
   other books, (G_SS + lambda I)^-1 G_Sj with S every other book. Here S is
@@ -168,8 +170,20 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
     neighbours: N.
     top_k: as `sparse_rows`.
     block_entries: about how many (book, reader) entries a block of books
-      reads at a time, and so its co-read pairs (the memory bound).
+      reads at a time (and X^T X entries a chunk of books sorts); a block's
+      co-read pairs are bounded by 4 x this (the memory bound beside X^T X
+      itself, whose nonzeros grow with the co-reads: 60 million on
+      amazonbook).
+
+  Returns:
+    `sparse_rows`' tables, k the largest row kept (at most `top_k`).
+
+  Raises:
+    ValueError: `neighbours` < 1.
   """
+  if neighbours < 1:
+    raise ValueError(f"neighbourhood EASE needs neighbours >= 1, not "
+                     f"{neighbours}.")
   gram_matrix = sparse_gram(users, items, n_items)
   by_book = np.argsort(items, kind="stable")
   readers = users[by_book]
@@ -177,8 +191,15 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
   read = np.append(np.diff(starts), 0)  # [-1]: the padding reads nothing
   width = max(1, min(int(neighbours), n_items - 1))
   sources, targets, weights = [], [], []
-  for chunk in range(0, n_items, 4096):
-    books = np.arange(chunk, min(n_items, chunk + 4096))
+  # Chunks of books whose own X^T X rows hold about block_entries entries.
+  row_entries = np.cumsum(np.diff(gram_matrix.indptr))
+  chunk = 0
+  while chunk < n_items:
+    end = max(chunk + 1, int(np.searchsorted(
+        row_entries, (row_entries[chunk - 1] if chunk else 0) + block_entries,
+        side="right")))
+    books = np.arange(chunk, min(n_items, end))
+    chunk = books[-1] + 1
     index, value = _neighbours(gram_matrix, books, width)
     cost = np.cumsum(read[index].sum(axis=1) + width * width)
     lo = 0
