@@ -282,8 +282,9 @@ class TrainConfig(_Checked):
       "its scores are added to the towers' as (1-w) towers/s_t + w EASE/s_e "
       "(s_t, s_e: each model's median per-user score spread), with w chosen "
       "on validation Recall@20 among these and 0 (the towers alone); EASE is "
-      "fitted on the same events as the towers. Empty = no blend. Skipped "
-      "with a warning above --ease_max_items books.", lower=0.0, upper=0.99,
+      "fitted on the same events as the towers. Empty = no blend. Above "
+      "--ease_max_items books, EASE is fitted on neighbourhoods "
+      "(--ease_neighbours).", lower=0.0, upper=0.99,
       each=float)
   ease_lambdas: tuple[float, ...] = setting(
       (50.0, 200.0, 500.0), "EASE's L2 weights tried on validation (EASE "

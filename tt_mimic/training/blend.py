@@ -10,7 +10,9 @@ then the smaller beta, then the smaller w. The exported towers are then
 blended with EASE fitted on their own events (training plus validation for
 a refit, whose counts also divide its scores) at that lambda, w and beta;
 their blend is the model `<exported>_ease`, which the run exports when
-w > 0.
+w > 0. EASE is exact up to `ease_max_items` books and fitted on each
+book's `ease_neighbours` most co-read books above it
+(`ease.neighbourhood_rows`).
 
 Each model's scale (s_t, s_e: the median over the first
 `SCALE_USERS` validation users of each user's standard deviation of the
