@@ -145,9 +145,7 @@ def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
 
 def test_neighbourhood_grams_split_and_sparse_paths_agree():
   users, items = _pairs(6, users=50, items=20, per_user=6)
-  order = np.argsort(items, kind="stable")
-  readers = users[order]
-  starts = np.searchsorted(items[order], np.arange(21))
+  reads = ease._reads(users, items, 20)  # pylint: disable=protected-access
   gram = ease.gram(users, items, 20)
   index = np.array([[0, 3, 7, -1], [5, 1, 2, 9], [19, -1, -1, -1],
                     [4, 6, 8, 10]])
@@ -157,5 +155,5 @@ def test_neighbourhood_grams_split_and_sparse_paths_agree():
     expected[t][np.ix_(real, real)] = gram[np.ix_(row[real], row[real])]
   # One pass, halving blocks, and single targets by the sparse product.
   for max_pairs in (10 ** 9, 60, 1):
-    got = ease._neighbourhood_grams(readers, starts, index, max_pairs)  # pylint: disable=protected-access
+    got = ease._neighbourhood_grams(reads, index, max_pairs)  # pylint: disable=protected-access
     np.testing.assert_array_equal(got, expected)

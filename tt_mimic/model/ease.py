@@ -52,8 +52,7 @@ def check_size(n_items: int, max_items: int, flag: str) -> None:
     raise TooManyItemsError(
         f"EASE refuses {n_items:,} books: it inverts a dense books x books "
         f"matrix ({gib:.1f} GiB in float32; fitting holds about four) and "
-        "the "
-        f"cap is {max_items:,} books. Raise {flag} if the machine has the "
+        f"the cap is {max_items:,} books. Raise {flag} if the machine has the "
         "memory.")
 
 
@@ -121,15 +120,32 @@ def fit(users: np.ndarray, items: np.ndarray, n_items: int,
   return weights_from_gram(gram(users, items, n_items), lam)
 
 
-def sparse_gram(users: np.ndarray, items: np.ndarray, n_items: int):
-  """X^T X as a SciPy CSR matrix (float32 counts, sorted indices)."""
+def _reads(users: np.ndarray, items: np.ndarray, n_items: int):
+  """The binary user x book matrix X of distinct 0-based pairs, as SciPy
+  CSC: book b's readers are indices[indptr[b]:indptr[b + 1]]."""
   from scipy import sparse  # pylint: disable=import-outside-toplevel
-  x = sparse.csr_matrix(
+  return sparse.csc_matrix(
       (np.ones(len(users), np.float32), (users, items)),
       shape=(int(users.max()) + 1 if len(users) else 1, n_items))
+
+
+def _gram_of(x):
+  """X^T X as a SciPy CSR matrix (float32 counts, sorted indices)."""
   gram_matrix = (x.T @ x).tocsr()
   gram_matrix.sort_indices()
   return gram_matrix
+
+
+def sparse_gram(users: np.ndarray, items: np.ndarray, n_items: int):
+  """X^T X of distinct 0-based pairs as a SciPy CSR matrix (float32
+  counts, sorted indices)."""
+  return _gram_of(_reads(users, items, n_items))
+
+
+def _rank_in_groups(groups: np.ndarray) -> np.ndarray:
+  """Each element's position within its run of equal values of the
+  sorted `groups` (0 for a run's first)."""
+  return np.arange(len(groups)) - np.searchsorted(groups, groups)
 
 
 def _neighbours(gram_matrix, targets: np.ndarray, neighbours: int):
@@ -142,7 +158,7 @@ def _neighbours(gram_matrix, targets: np.ndarray, neighbours: int):
   owner, cols, counts = owner[keep], g.indices[keep], g.data[keep]
   order = np.lexsort((cols, -counts, owner))
   owner, cols, counts = owner[order], cols[order], counts[order]
-  rank = np.arange(len(owner)) - np.searchsorted(owner, owner)
+  rank = _rank_in_groups(owner)
   keep = rank < neighbours
   index = np.full((len(targets), neighbours), -1, np.int64)
   value = np.zeros((len(targets), neighbours), np.float64)
@@ -184,11 +200,9 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
   if neighbours < 1:
     raise ValueError(f"neighbourhood EASE needs neighbours >= 1, not "
                      f"{neighbours}.")
-  gram_matrix = sparse_gram(users, items, n_items)
-  by_book = np.argsort(items, kind="stable")
-  readers = users[by_book]
-  starts = np.searchsorted(items[by_book], np.arange(n_items + 1))
-  read = np.append(np.diff(starts), 0)  # [-1]: the padding reads nothing
+  x = _reads(users, items, n_items)
+  gram_matrix = _gram_of(x)
+  read = np.append(np.diff(x.indptr), 0)  # [-1]: the padding reads nothing
   width = max(1, min(int(neighbours), n_items - 1))
   sources, targets, weights = [], [], []
   # Chunks of books whose own X^T X rows hold about block_entries entries.
@@ -207,8 +221,7 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
       # At least one book per block, then as many as fit the bound.
       hi = max(lo + 1, int(np.searchsorted(
           cost, (cost[lo - 1] if lo else 0) + block_entries, side="right")))
-      a = _neighbourhood_grams(readers, starts, index[lo:hi],
-                               4 * block_entries)
+      a = _neighbourhood_grams(x, index[lo:hi], 4 * block_entries)
       diagonal = np.arange(width)
       a[:, diagonal, diagonal] += lam
       solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
@@ -228,17 +241,17 @@ def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
   return np.repeat(starts, lengths) + np.arange(lengths.sum()) - offsets
 
 
-def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
-                         index: np.ndarray, max_pairs: int) -> np.ndarray:
+def _neighbourhood_grams(x, index: np.ndarray, max_pairs: int
+                         ) -> np.ndarray:
   """[targets, N, N] float64 G[S_t, S_t] = X_S^T X_S for each target's
   neighbours S_t (`_neighbours`' index; -1 rows and columns stay 0): the
-  co-reads among S_t, counted from the readers of its books (book b's
-  readers: readers[starts[b]:starts[b + 1]], sorted by book).
+  co-reads among S_t, counted from the readers of its books (`_reads`' X).
 
   The count pairs up each reader's books in S_t: a block whose pairs pass
   `max_pairs` is split in two, and a single target's are counted by a
   sparse product instead (memory N x N)."""
   count, width = index.shape
+  readers, starts = x.indices, x.indptr
   owner, slot = np.nonzero(index >= 0)
   books = index[owner, slot]
   lengths = starts[books + 1] - starts[books]
@@ -258,9 +271,9 @@ def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
     if count > 1:
       half = count // 2
       return np.concatenate([
-          _neighbourhood_grams(readers, starts, index[:half], max_pairs),
-          _neighbourhood_grams(readers, starts, index[half:], max_pairs)])
-    return _sparse_neighbourhood_gram(readers, starts, index[0])[None]
+          _neighbourhood_grams(x, index[:half], max_pairs),
+          _neighbourhood_grams(x, index[half:], max_pairs)])
+    return _sparse_neighbourhood_gram(x, index[0])[None]
   per_entry = np.repeat(size, size)
   left = np.repeat(np.arange(len(entry_owner)), per_entry)
   right = _ranges(np.repeat(group_start, size),
@@ -271,22 +284,13 @@ def _neighbourhood_grams(readers: np.ndarray, starts: np.ndarray,
       count, width, width).astype(np.float64)
 
 
-def _sparse_neighbourhood_gram(readers: np.ndarray, starts: np.ndarray,
-                               books: np.ndarray) -> np.ndarray:
+def _sparse_neighbourhood_gram(x, books: np.ndarray) -> np.ndarray:
   """[N, N] float64 X_S^T X_S for one target's neighbours `books` (-1:
   none), by SciPy's sparse product (`_neighbourhood_grams`' layout)."""
-  from scipy import sparse  # pylint: disable=import-outside-toplevel
-  width = len(books)
   real = np.flatnonzero(books >= 0)
-  picked = books[real]
-  lengths = starts[picked + 1] - starts[picked]
-  rows = readers[_ranges(starts[picked], starts[picked + 1])]
-  x = sparse.csc_matrix(
-      (np.ones(len(rows), np.float64), rows,
-       np.r_[0, np.cumsum(lengths)]),
-      shape=(int(readers.max()) + 1 if len(readers) else 1, len(picked)))
-  out = np.zeros((width, width), np.float64)
-  out[np.ix_(real, real)] = (x.T @ x).toarray()
+  picked = x[:, books[real]]
+  out = np.zeros((len(books), len(books)), np.float64)
+  out[np.ix_(real, real)] = (picked.T @ picked).toarray()
   return out
 
 
@@ -296,7 +300,7 @@ def _rows_from_entries(sources, targets, weights, n: int, top_k: int
   (0-based): each source book keeps its `top_k` of the largest magnitude."""
   order = np.lexsort((targets, -np.abs(weights), sources))
   sources, targets, weights = sources[order], targets[order], weights[order]
-  rank = np.arange(len(sources)) - np.searchsorted(sources, sources)
+  rank = _rank_in_groups(sources)
   keep = rank < top_k
   k = max(1, int(rank[keep].max()) + 1 if keep.any() else 1)
   columns = np.zeros((n + 1, k), np.int32)
