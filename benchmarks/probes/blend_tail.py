@@ -35,7 +35,8 @@ def main():
   for name, split in (("dat", "val"), ("dat_refit", "test")):
     view = pipeline.view_for(prep, config.train, name)
     built = pipeline.load_variant(run, config, view, name)
-    columns, values = blend_lib.ease_tables(view, lam, config.train.ease_top_k)
+    columns, values = next(blend_lib.ease_tables(view, [lam],
+                                                 config.train.ease_top_k))
     parts = blend_lib._Parts(built, view.val, n, 1024, {})  # pylint: disable=protected-access
     towers = parts.towers
     ease = pipeline.ease_scorer(columns, values, n)

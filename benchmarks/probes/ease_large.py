@@ -39,7 +39,7 @@ from tt_mimic.training import pipeline  # noqa: E402
 
 
 def _subset_tables(m):
-  def tables(prep, lam, top_k, neighbours=0):
+  def tables(prep, lams, top_k, neighbours=0):
     del neighbours
     users, items = blend_lib.fit_pairs(prep.data.events, prep.fit_splits)
     n = len(prep.data.items)
@@ -50,25 +50,28 @@ def _subset_tables(m):
     inside = sub[items] >= 0
     print(f"  subset: {len(keep)} of {n} books, {inside.mean():.3f} of the "
           "fitted pairs", flush=True)
-    cols, vals = ease_lib.sparse_rows(
-        ease_lib.fit(users[inside], sub[items[inside]], len(keep), lam), top_k)
-    columns = np.zeros((n + 1, cols.shape[1]), np.int32)
-    values = np.zeros((n + 1, cols.shape[1]), np.float32)
-    columns[keep + 1] = np.where(cols[1:] > 0,
-                                 keep[np.maximum(cols[1:] - 1, 0)] + 1, 0)
-    values[keep + 1] = vals[1:]
-    return columns, values
+    for lam in lams:
+      cols, vals = ease_lib.sparse_rows(
+          ease_lib.fit(users[inside], sub[items[inside]], len(keep), lam),
+          top_k)
+      columns = np.zeros((n + 1, cols.shape[1]), np.int32)
+      values = np.zeros((n + 1, cols.shape[1]), np.float32)
+      columns[keep + 1] = np.where(cols[1:] > 0,
+                                   keep[np.maximum(cols[1:] - 1, 0)] + 1, 0)
+      values[keep + 1] = vals[1:]
+      yield columns, values
   return tables
 
 
-def _knn_tables(prep, shrink, top_k, neighbours=0):
+def _knn_tables(prep, shrinks, top_k, neighbours=0):
   del neighbours
   users, items = blend_lib.fit_pairs(prep.data.events, prep.fit_splits)
   gram = ease_lib.gram(users, items, len(prep.data.items))
   norm = np.sqrt(np.maximum(np.diag(gram), 1.0))
-  weights = gram / (norm[:, None] * norm[None, :] + np.float32(shrink))
-  np.fill_diagonal(weights, 0.0)
-  return ease_lib.sparse_rows(weights.astype(np.float32), top_k)
+  for shrink in shrinks:
+    weights = gram / (norm[:, None] * norm[None, :] + np.float32(shrink))
+    np.fill_diagonal(weights, 0.0)
+    yield ease_lib.sparse_rows(weights.astype(np.float32), top_k)
 
 
 def main():

@@ -103,34 +103,39 @@ def test_neighbourhoods_of_every_other_book_are_exact_ease():
   # 40 users reading 8 of 10 books: every pair of books co-occurs, so each
   # book's neighbourhood is all the others.
   users, items = _pairs(4, users=40, items=10, per_user=8)
-  gram = ease.sparse_gram(users, items, 10)
-  assert (gram.toarray() > 0).all()
-  # The default bound takes all books in one block; a tiny one splits
-  # them into many, and counts each neighbourhood by a sparse product.
-  for bound in (2 ** 23, 150):
-    columns, values = ease.neighbourhood_rows(users, items, 10, 7.0, 9, 10,
-                                              block_entries=bound)
-    np.testing.assert_allclose(_dense(columns, values, 10),
-                               ease.fit(users, items, 10, 7.0), atol=1e-5)
+  assert (ease.gram(users, items, 10) > 0).all()
+  # The default bound takes all books in one chunk and block; 1000 takes
+  # a few books per chunk of X^T X rows; a tiny one, one book per chunk
+  # and block, its neighbourhood counted by a sparse product.
+  for bound in (2 ** 23, 1000, 150):
+    for lam, (columns, values) in zip(
+        (7.0, 2.0), ease.neighbourhood_rows(users, items, 10, (7.0, 2.0), 9,
+                                            10, block_entries=bound)):
+      np.testing.assert_allclose(_dense(columns, values, 10),
+                                 ease.fit(users, items, 10, lam), atol=1e-5)
 
 
 def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
   users, items = _pairs(5, users=60, items=30, per_user=5)
   gram = ease.gram(users, items, 30).astype(np.float64)
   n, k = 30, 4
-  columns, values = ease.neighbourhood_rows(users, items, 30, 3.0, k, 30,
-                                            block_entries=60)
-  expected = np.zeros((n, n))
-  for j in range(n):
-    others = [i for i in range(n) if i != j and gram[i, j] > 0]
-    # The most co-occurrences first, ties to the smaller index.
-    s = sorted(others, key=lambda i: (-gram[i, j], i))[:k]
-    a = gram[np.ix_(s, s)] + 3.0 * np.eye(len(s))
-    expected[s, j] = np.linalg.solve(a, gram[s, j])
-  np.testing.assert_allclose(_dense(columns, values, n), expected, atol=1e-5)
-  # top_k keeps each book's weights of the largest magnitude.
-  short_columns, short_values = ease.neighbourhood_rows(
-      users, items, 30, 3.0, k, 2)
+  # Each lambda is solved on the same neighbourhoods.
+  tables = ease.neighbourhood_rows(users, items, 30, (3.0, 0.5), k, 30,
+                                   block_entries=60)
+  for lam, (columns, values) in zip((3.0, 0.5), tables):
+    expected = np.zeros((n, n))
+    for j in range(n):
+      others = [i for i in range(n) if i != j and gram[i, j] > 0]
+      # The most co-occurrences first, ties to the smaller index.
+      s = sorted(others, key=lambda i: (-gram[i, j], i))[:k]
+      a = gram[np.ix_(s, s)] + lam * np.eye(len(s))
+      expected[s, j] = np.linalg.solve(a, gram[s, j])
+    np.testing.assert_allclose(_dense(columns, values, n), expected,
+                               atol=1e-5)
+  # top_k keeps each book's weights of the largest magnitude (the last
+  # lambda's).
+  [(short_columns, short_values)] = ease.neighbourhood_rows(
+      users, items, 30, [0.5], k, 2)
   assert short_columns.shape == (31, 2) and not short_columns[0].any()
   for j in range(n):
     row = expected[j]
@@ -157,3 +162,11 @@ def test_neighbourhood_grams_split_and_sparse_paths_agree():
   for max_pairs in (10 ** 9, 60, 1):
     got = ease._neighbourhood_grams(reads, index, max_pairs)  # pylint: disable=protected-access
     np.testing.assert_array_equal(got, expected)
+
+
+def test_neighbourhood_ease_refuses_no_neighbours_or_no_lambda():
+  users, items = _pairs(4, users=10, items=5, per_user=2)
+  with pytest.raises(ValueError, match="neighbours >= 1"):
+    ease.neighbourhood_rows(users, items, 5, [1.0], 0, 5)
+  with pytest.raises(ValueError, match="at least one lambda"):
+    ease.neighbourhood_rows(users, items, 5, [], 4, 5)

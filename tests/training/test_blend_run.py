@@ -86,7 +86,8 @@ def test_the_weight_is_the_best_on_validation(blend_run):
   view = pipeline.refit_view(prep, config.train)
   assert not np.array_equal(view.item_counts, prep.item_counts)
   saved = pipeline.load_blend(blend_run, name)
-  columns, values = blend_lib.ease_tables(view, info["lambda"], 30)
+  columns, values = next(blend_lib.ease_tables(view, [info["lambda"]],
+                                                   30))
   np.testing.assert_array_equal(saved.columns, columns)
   expected = ease_lib.popularity_scaled(
       columns, values, view.item_counts, info["popularity_power"])
@@ -125,7 +126,7 @@ def _forced(model_dir: str, w: float, power: float) -> pipeline.Built:
   config, prep = pipeline.open_run(model_dir)
   view = pipeline.refit_view(prep, config.train)
   towers = pipeline.load_variant(model_dir, config, view, "dat_refit")
-  columns, values = blend_lib.ease_tables(view, 5.0, 30)
+  columns, values = next(blend_lib.ease_tables(view, [5.0], 30))
   parts = blend_lib._Parts(towers, view.val, len(view.data.items), 64,  # pylint: disable=protected-access
                            {"lambda": 5.0})
   return parts.blend(parts.ease(columns, values, view.item_counts, power), w)
@@ -220,7 +221,7 @@ def test_neighbourhood_ease_above_the_cap(blend_run):
   assert info["neighbours"] == 6
   # Validation scored the neighbourhood EASE, not the exact one.
   n = len(prep.data.items)
-  tables = blend_lib.ease_tables(prep, 5.0, 30, 6)
+  tables = next(blend_lib.ease_tables(prep, [5.0], 30, 6))
   val = evaluation.evaluate(pipeline.ease_scorer(*tables, n), prep.val,
                             batch_size=config.train.eval_batch_size)
   assert info["lambdas"] == [{"lambda": 5.0, "recall@20": val["recall@20"]}]
@@ -229,14 +230,15 @@ def test_neighbourhood_ease_above_the_cap(blend_run):
   seen = pipeline.batch_seen(batch)
   assert not np.allclose(
       ease_lib.scores(*tables, seen, n).numpy(),
-      ease_lib.scores(*blend_lib.ease_tables(prep, 5.0, 30), seen, n).numpy(),
+      ease_lib.scores(*next(blend_lib.ease_tables(prep, [5.0], 30)), seen,
+                      n).numpy(),
       atol=1e-3)
   if built is None:  # validation preferred the towers alone
     assert info["w"] == 0.0
     return
   # The export's tables: neighbourhood EASE refitted on training plus
   # validation, scaled as chosen.
-  columns, values = blend_lib.ease_tables(view, 5.0, 30, 6)
+  columns, values = next(blend_lib.ease_tables(view, [5.0], 30, 6))
   np.testing.assert_array_equal(built.blend.columns, columns)
   np.testing.assert_allclose(
       built.blend.values, ease_lib.popularity_scaled(

@@ -33,6 +33,7 @@ book on its most co-read books instead, with no dense books x books matrix.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 
@@ -129,17 +130,10 @@ def _reads(users: np.ndarray, items: np.ndarray, n_items: int):
       shape=(int(users.max()) + 1 if len(users) else 1, n_items))
 
 
-def _gram_of(x):
-  """X^T X as a SciPy CSR matrix (float32 counts, sorted indices)."""
-  gram_matrix = (x.T @ x).tocsr()
-  gram_matrix.sort_indices()
-  return gram_matrix
-
-
-def sparse_gram(users: np.ndarray, items: np.ndarray, n_items: int):
-  """X^T X of distinct 0-based pairs as a SciPy CSR matrix (float32
-  counts, sorted indices)."""
-  return _gram_of(_reads(users, items, n_items))
+def _gram_rows(x, x_rows, lo: int, hi: int):
+  """Rows lo..hi-1 of X^T X as a SciPy CSR matrix (float32 counts), from
+  X as CSC (`_reads`) and as CSR."""
+  return (x[:, lo:hi].T @ x_rows).tocsr()
 
 
 def _rank_in_groups(groups: np.ndarray) -> np.ndarray:
@@ -148,11 +142,12 @@ def _rank_in_groups(groups: np.ndarray) -> np.ndarray:
   return np.arange(len(groups)) - np.searchsorted(groups, groups)
 
 
-def _neighbours(gram_matrix, targets: np.ndarray, neighbours: int):
+def _neighbours(gram_rows, targets: np.ndarray, neighbours: int):
   """Each target's `neighbours` books of the most co-occurrences (ties: the
-  smaller index), itself left out: ([targets, N] indices, -1 past a
-  book's co-occurring books; [targets, N] their counts)."""
-  g = gram_matrix[targets]
+  smaller index), itself left out, from `gram_rows`, the targets' rows of
+  X^T X: ([targets, N] indices, -1 past a book's co-occurring books;
+  [targets, N] their counts)."""
+  g = gram_rows
   owner = np.repeat(np.arange(len(targets)), np.diff(g.indptr))
   keep = g.indices != targets[owner]
   owner, cols, counts = owner[keep], g.indices[keep], g.data[keep]
@@ -168,70 +163,81 @@ def _neighbours(gram_matrix, targets: np.ndarray, neighbours: int):
 
 
 def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
-                       lam: float, neighbours: int, top_k: int,
+                       lams: Sequence[float], neighbours: int, top_k: int,
                        block_entries: int = 2 ** 23
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
   """EASE restricted to neighbourhoods, as `sparse_rows`' tables, from
   distinct 0-based (user, book) pairs (a repeated pair would count twice).
 
   Column j of EASE's B is the ridge regression of book j's readers on all
   other books, (G_SS + lambda I)^-1 G_Sj with S every other book. Here S is
   the `neighbours` books that co-occur most with j (feature-selected SLIM,
-  Ning and Karypis, "SLIM", ICDM 2011): one N x N solve per book and no
-  books x books matrix, so no cap on the corpus. With N >= books - 1 it is
-  EASE but for the books that never co-occur with j (weight 0 here).
+  Ning and Karypis, "SLIM", ICDM 2011): one N x N solve per book and
+  lambda, and no books x books matrix, so no cap on the corpus. With
+  N >= books - 1 it is EASE but for the books that never co-occur with j
+  (weight 0 here). The neighbourhoods and their Grams are counted once for
+  all of `lams`.
 
   Args:
-    lam: the L2 weight.
+    lams: the L2 weights, one pair of tables each.
     neighbours: N.
     top_k: as `sparse_rows`.
-    block_entries: about how many (book, reader) entries a block of books
-      reads at a time (and X^T X entries a chunk of books sorts); a block's
-      co-read pairs are bounded by 4 x this (the memory bound beside X^T X
-      itself, whose nonzeros grow with the co-reads: 60 million on
-      amazonbook).
+    block_entries: about how many entries a step holds: the X^T X rows of
+      a chunk of books (bounded by their readers' reads), the (book,
+      reader) entries of a block of neighbourhoods; a block's co-read
+      pairs are bounded by 4 x this.
 
   Returns:
-    `sparse_rows`' tables, k the largest row kept (at most `top_k`).
+    `sparse_rows`' tables for each of `lams`, k the largest row kept (at
+    most `top_k`).
 
   Raises:
-    ValueError: `neighbours` < 1.
+    ValueError: `neighbours` < 1, or no `lams`.
   """
   if neighbours < 1:
     raise ValueError(f"neighbourhood EASE needs neighbours >= 1, not "
                      f"{neighbours}.")
+  if not len(lams):  # pylint: disable=g-explicit-length-test
+    raise ValueError("neighbourhood EASE needs at least one lambda.")
   x = _reads(users, items, n_items)
-  gram_matrix = _gram_of(x)
+  x_rows = x.tocsr()
   read = np.append(np.diff(x.indptr), 0)  # [-1]: the padding reads nothing
   width = max(1, min(int(neighbours), n_items - 1))
-  sources, targets, weights = [], [], []
-  # Chunks of books whose own X^T X rows hold about block_entries entries.
-  row_entries = np.cumsum(np.diff(gram_matrix.indptr))
+  diagonal = np.arange(width)
+  sources, targets, weights = [], [], [[] for _ in lams]
+  # Chunks of books whose X^T X rows hold about block_entries entries,
+  # bounded by the reads of each book's readers (X^T X is never whole).
+  row_bound = np.cumsum(np.rint(x.T @ np.diff(x_rows.indptr)).astype(
+      np.int64))
   chunk = 0
   while chunk < n_items:
     end = max(chunk + 1, int(np.searchsorted(
-        row_entries, (row_entries[chunk - 1] if chunk else 0) + block_entries,
+        row_bound, (row_bound[chunk - 1] if chunk else 0) + block_entries,
         side="right")))
     books = np.arange(chunk, min(n_items, end))
     chunk = books[-1] + 1
-    index, value = _neighbours(gram_matrix, books, width)
+    index, value = _neighbours(_gram_rows(x, x_rows, books[0], chunk),
+                               books, width)
     cost = np.cumsum(read[index].sum(axis=1) + width * width)
     lo = 0
     while lo < len(books):
       # At least one book per block, then as many as fit the bound.
       hi = max(lo + 1, int(np.searchsorted(
           cost, (cost[lo - 1] if lo else 0) + block_entries, side="right")))
-      a = _neighbourhood_grams(x, index[lo:hi], 4 * block_entries)
-      diagonal = np.arange(width)
-      a[:, diagonal, diagonal] += lam
-      solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
+      grams = _neighbourhood_grams(x, index[lo:hi], 4 * block_entries)
       real = index[lo:hi] >= 0
-      sources.append(index[lo:hi][real])
-      targets.append(np.broadcast_to(books[lo:hi, None], real.shape)[real])
-      weights.append(solved[real].astype(np.float32))
+      sources.append(index[lo:hi][real].astype(np.int32))
+      targets.append(np.broadcast_to(books[lo:hi, None],
+                                     real.shape)[real].astype(np.int32))
+      for lam, out in zip(lams, weights):
+        a = grams.copy()
+        a[:, diagonal, diagonal] += lam
+        solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
+        out.append(solved[real].astype(np.float32))
       lo = hi
-  return _rows_from_entries(np.concatenate(sources), np.concatenate(targets),
-                            np.concatenate(weights), n_items, top_k)
+  sources, targets = np.concatenate(sources), np.concatenate(targets)
+  return [_rows_from_entries(sources, targets, np.concatenate(out), n_items,
+                             top_k) for out in weights]
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -54,17 +55,21 @@ def fit_pairs(events, splits=(ingest.SPLIT_TRAIN,)
   return keys // n_items, keys % n_items
 
 
-def ease_tables(prep: pipeline.Prepared, lam: float, top_k: int,
-                neighbours: int = 0):
-  """EASE fitted on the events `prep`'s models fit on, as `sparse_rows`:
-  exact (0 `neighbours`) or on each book's `neighbours` most co-occurring
-  books (`ease.neighbourhood_rows`)."""
+def ease_tables(prep: pipeline.Prepared, lams: Sequence[float], top_k: int,
+                neighbours: int = 0
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """EASE fitted on the events `prep`'s models fit on, as `sparse_rows`, at
+  each of `lams` in turn: exact (0 `neighbours`; one fit per lambda, each
+  on demand) or on each book's `neighbours` most co-occurring books
+  (`ease.neighbourhood_rows`, which fits every lambda at once)."""
   users, items = fit_pairs(prep.data.events, prep.fit_splits)
   n = len(prep.data.items)
   if neighbours:
-    return ease_lib.neighbourhood_rows(users, items, n, lam, neighbours,
-                                       top_k)
-  return ease_lib.sparse_rows(ease_lib.fit(users, items, n, lam), top_k)
+    yield from ease_lib.neighbourhood_rows(users, items, n, lams, neighbours,
+                                           top_k)
+    return
+  for lam in lams:
+    yield ease_lib.sparse_rows(ease_lib.fit(users, items, n, lam), top_k)
 
 
 def score_spread(score_fn, eval_set, batch_size: int,
@@ -150,8 +155,9 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
   start = time.perf_counter()
   batch = train.eval_batch_size
   lambdas, best = [], None
-  for lam in train.ease_lambdas:
-    columns, values = ease_tables(prep, lam, train.ease_top_k, neighbours)
+  for lam, (columns, values) in zip(
+      train.ease_lambdas,
+      ease_tables(prep, train.ease_lambdas, train.ease_top_k, neighbours)):
     val = evaluation.evaluate(pipeline.ease_scorer(columns, values, n),
                               prep.val, batch_size=batch)[TUNE_METRIC]
     lambdas.append({"lambda": lam, TUNE_METRIC: val})
@@ -194,7 +200,8 @@ def fit(prep: pipeline.Prepared, view: pipeline.Prepared,
                  "EASE: the run exports the towers.")
     return None, info
   if view.fit_splits != prep.fit_splits:
-    columns, values = ease_tables(view, lam, train.ease_top_k, neighbours)
+    (columns, values), = ease_tables(view, [lam], train.ease_top_k,
+                                     neighbours)
   out = _Parts(exported, view.val, n, batch, info)
   built = out.blend(out.ease(columns, values, view.item_counts, chosen[2]),
                     chosen[1])
