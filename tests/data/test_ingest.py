@@ -549,6 +549,22 @@ def test_run_cached_reuses_artifacts(tiny_dataset, tmp_path, monkeypatch):
   assert len(os.listdir(os.path.join(model_dir, "ingest"))) == 2
 
 
+def test_the_cache_key_names_the_files_not_their_spelling(tiny_dataset,
+                                                          monkeypatch):
+  config = tiny_dataset.config()
+  key = ingest.cache_key(config)
+  absolute = dataclasses.replace(
+      config, books_csv=os.path.abspath(config.books_csv),
+      users_csv=os.path.abspath(config.users_csv))
+  assert ingest.cache_key(absolute) == key
+  directory, name = os.path.split(absolute.books_csv)
+  monkeypatch.chdir(directory)
+  assert ingest.cache_key(dataclasses.replace(
+      absolute, books_csv=name)) == key
+  assert ingest.cache_key(dataclasses.replace(
+      absolute, books_csv=os.path.join(".", name))) == key
+
+
 def test_run_cached_reingests_when_an_input_file_changes(dataset_writer,
                                                          tmp_path,
                                                          monkeypatch):
