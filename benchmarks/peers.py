@@ -56,12 +56,6 @@ REFIT_SPLITS = (ingest.SPLIT_TRAIN, ingest.SPLIT_VAL)
 TooManyItemsError = ease_lib.TooManyItemsError
 
 
-# ---------------------------------------------------------------- shared
-
-
-train_pairs = blend_lib.fit_pairs
-
-
 class _Rows:
   """Hands out the EvalSet rows of successive `evaluate` batches.
 
@@ -194,13 +188,13 @@ def tune_ease(prep, lambdas: Sequence[float], batch_size: int = 256,
   """EASE tuned on validation Recall@20 over `lambdas`; test metrics."""
   n_items = len(prep.data.items)
   ease_check_size(n_items, max_items)
-  users, items = train_pairs(prep.data.events)
+  users, items = blend_lib.fit_pairs(prep.data.events)
   settings = [{"lambda": float(lam)} for lam in lambdas]
   # The Gram matrix is rebuilt per lambda (cheap next to the inverse), so
   # the peak is two books x books matrices: the best so far and the new one.
   fit = lambda p: ease_fit(users, items, n_items, p["lambda"],  # noqa: E731
                            max_items)
-  all_users, all_items = train_pairs(prep.data.events, REFIT_SPLITS)
+  all_users, all_items = blend_lib.fit_pairs(prep.data.events, REFIT_SPLITS)
   refit = lambda p: ease_fit(all_users, all_items, n_items,  # noqa: E731
                              p["lambda"], max_items)
   return _tune("EASE", settings, fit, ease_scorer, prep, batch_size, refit)
@@ -299,7 +293,7 @@ def tune_als(prep, factors: Sequence[int], alphas: Sequence[float],
              batch_size: int = 256, threads: int = 0,
              use_cg: bool = True) -> dict:
   """implicit ALS tuned on validation Recall@20 over the grid; test metrics."""
-  users, items = train_pairs(prep.data.events)
+  users, items = blend_lib.fit_pairs(prep.data.events)
   n_users, n_items = len(prep.data.users), len(prep.data.items)
   settings = [{"factors": int(f), "alpha": float(a), "reg": float(r),
                "iterations": int(iterations)}
@@ -307,7 +301,7 @@ def tune_als(prep, factors: Sequence[int], alphas: Sequence[float],
   fit = lambda p: als_fit(  # noqa: E731
       users, items, n_users, n_items, p["factors"], p["alpha"], p["reg"],
       p["iterations"], seed, threads, use_cg)
-  all_users, all_items = train_pairs(prep.data.events, REFIT_SPLITS)
+  all_users, all_items = blend_lib.fit_pairs(prep.data.events, REFIT_SPLITS)
   refit = lambda p: als_fit(  # noqa: E731
       all_users, all_items, n_users, n_items, p["factors"], p["alpha"],
       p["reg"], p["iterations"], seed, threads, use_cg)

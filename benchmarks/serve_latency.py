@@ -85,10 +85,8 @@ def main() -> None:
   known = tf.constant([True])
   exclude = tf.constant([[""]])
   search = rec.model.signatures["serving_default"]
-  # A blend's index also takes the user's books (EASE's part).
-  scann_ms = _timed(lambda q: search(
-      embedding=q["embedding"], known=known, exclude=exclude,
-      **({"books": q["books"]} if "books" in q else {})),
+  scann_ms = _timed(lambda q: search(known=known, exclude=exclude,
+                                     **recommender.index_inputs(q)),
                     [(q,) for q in queries])
   vectors = np.load(os.path.join(rec.version_directory, "embeddings.npy"))
   brute = tfrs.layers.factorized_top_k.BruteForce(k=k)

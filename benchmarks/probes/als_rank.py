@@ -9,11 +9,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tt_mimic  # noqa: F401,E402
+from tt_mimic.training import blend as blend_lib
 from tt_mimic.training import pipeline, evaluation
 import peers
 
 config, prep = pipeline.open_run(sys.argv[1])
-users, items = peers.train_pairs(prep.data.events)
+users, items = blend_lib.fit_pairs(prep.data.events)
 nu, ni = len(prep.data.users), len(prep.data.items)
 for f in [int(x) for x in sys.argv[2].split(",")]:
   best = None

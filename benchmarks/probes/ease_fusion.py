@@ -30,6 +30,7 @@ import tt_mimic  # noqa: F401,E402
 import tensorflow as tf  # noqa: E402
 
 from tt_mimic.data import ingest  # noqa: E402
+from tt_mimic.training import blend as blend_lib  # noqa: E402
 from tt_mimic.training import evaluation  # noqa: E402
 from tt_mimic.training import pipeline  # noqa: E402
 import peers  # noqa: E402
@@ -69,7 +70,7 @@ def main():
     view = pipeline.view_for(prep, config.train, name)
     towers = pipeline.model_scorer(
         pipeline.load_variant(run, config, view, name), n_items)
-    users, items = peers.train_pairs(prep.data.events, splits)
+    users, items = blend_lib.fit_pairs(prep.data.events, splits)
     ease = peers.ease_fit(users, items, n_items, lam)
     eval_set = getattr(view, split)
     if scale == "global":

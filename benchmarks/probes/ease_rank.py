@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import tt_mimic  # noqa: F401,E402
+from tt_mimic.training import blend as blend_lib  # noqa: E402
 from tt_mimic.training import pipeline, evaluation  # noqa: E402
 import peers  # noqa: E402
 
@@ -61,7 +62,7 @@ def main():
   if unknown:
     sys.exit(f"ease_rank: unknown kinds {sorted(unknown)}; use b, scores.")
   _, prep = pipeline.open_run(sys.argv[1])
-  users, items = peers.train_pairs(prep.data.events)
+  users, items = blend_lib.fit_pairs(prep.data.events)
   b = peers.ease_fit(users, items, len(prep.data.items), lam)
   report(f"EASE lambda={lam:g}, full rank", b, prep)
   rng = np.random.default_rng(0)

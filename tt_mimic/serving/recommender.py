@@ -184,6 +184,13 @@ def load_candidate(directory: str):
   return _load(os.path.join(directory, "candidate"))
 
 
+def index_inputs(query_outputs) -> dict:
+  """The ScaNN index's inputs from the query signature's outputs: the
+  user's embedding, and for a blend the user's books (what EASE scores)."""
+  return {name: query_outputs[name] for name in ("embedding", "books")
+          if name in query_outputs}
+
+
 def _pad(rows: list[list[str]]) -> np.ndarray:
   """Lists of strings -> [len(rows), max(1, longest)] array padded with ''."""
   width = max([1] + [len(r) for r in rows])
@@ -256,10 +263,7 @@ class Recommender:
 
       def predict(user_id, history, exclude):
         q = query(user_id=user_id, history=history)
-        # A blend's index also reads the user's books (what EASE scores).
-        books = {"books": q["books"]} if "books" in q else {}
-        return search(embedding=q["embedding"], known=q["known"],
-                      exclude=exclude, **books)
+        return search(known=q["known"], exclude=exclude, **index_inputs(q))
 
       self._predict = predict
     items = pd.read_parquet(os.path.join(here, "items.parquet"))
