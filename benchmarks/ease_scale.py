@@ -8,11 +8,11 @@ need not have trained), fits `tt_mimic.model.ease.neighbourhood_rows` on
 the training pairs (with --refit, training plus validation: the export's
 fit) at every lambda at once, as the blend does, and prints the wall
 time and the process's peak RSS. With --baseline it then fits each lambda
-alone (one neighbourhood fit per lambda, the blend's cost before
-2026-12-07), prints that time and the ratio, and checks that both give
-the same tables. Defaults are the blend's (`TrainConfig`). Figures are
-this machine's under its current load; the peak RSS is the process's
-(the data included).
+alone (one neighbourhood fit per lambda, as the blend did before
+2026-12-07, with today's chunked X^T X), prints that time and the ratio,
+and checks that both give the same tables. Defaults are the blend's
+(`TrainConfig`). Figures are this machine's under its current load; the
+peak RSS is the process's (the data included).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ _BASELINE = flags.DEFINE_bool("baseline", False, "Also fit each lambda alone "
                               "and print the ratio.")
 
 
-def _peak_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+def _peak_gib() -> float:
+  """This process' peak RSS (ru_maxrss: KiB on Linux, bytes on macOS)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
 def main(argv):
@@ -77,11 +79,11 @@ def main(argv):
         flush=True)
   lams = [float(x) for x in _LAMBDAS.value]
   start = time.perf_counter()
-  together = ease_lib.neighbourhood_rows(users, items, n, lams,
-                                         _NEIGHBOURS.value, _TOP_K.value)
+  together = list(ease_lib.neighbourhood_rows(users, items, n, lams,
+                                              _NEIGHBOURS.value, _TOP_K.value))
   seconds = time.perf_counter() - start
   print(f"every lambda at once ({len(lams)}): {seconds:.1f} s, peak RSS "
-        f"{_peak_gb():.2f} GB", flush=True)
+        f"{_peak_gib():.2f} GiB", flush=True)
   if not _BASELINE.value:
     return
   start = time.perf_counter()
@@ -93,7 +95,7 @@ def main(argv):
       raise SystemExit(f"lambda {lam:g}: the tables differ")
   alone = time.perf_counter() - start
   print(f"each lambda alone: {alone:.1f} s; at once is {alone / seconds:.2f}x "
-        f"as fast; same tables; peak RSS {_peak_gb():.2f} GB", flush=True)
+        f"as fast; same tables; peak RSS {_peak_gib():.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

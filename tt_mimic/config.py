@@ -307,8 +307,8 @@ class TrainConfig(_Checked):
   ease_neighbours: int = setting(
       256, "Above --ease_max_items books, the blend fits EASE on "
       "neighbourhoods: each book's weights regress on its N books of the "
-      "most co-reads only (one N x N solve per book, no books x books "
-      "matrix). 0 = no blend above the cap.", lower=0)
+      "most co-reads only (one N x N solve per book and lambda, no books x "
+      "books matrix). 0 = no blend above the cap.", lower=0)
   variants: tuple[str, ...] = setting(VARIANTS, "Variants to train and "
                                       "compare; 'dat' is the exported model.",
                                       choices=VARIANTS, each=str)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -550,19 +551,28 @@ def test_run_cached_reuses_artifacts(tiny_dataset, tmp_path, monkeypatch):
 
 
 def test_the_cache_key_names_the_files_not_their_spelling(tiny_dataset,
+                                                          tmp_path,
                                                           monkeypatch):
   config = tiny_dataset.config()
   key = ingest.cache_key(config)
-  absolute = dataclasses.replace(
-      config, books_csv=os.path.abspath(config.books_csv),
-      users_csv=os.path.abspath(config.users_csv))
-  assert ingest.cache_key(absolute) == key
-  directory, name = os.path.split(absolute.books_csv)
-  monkeypatch.chdir(directory)
+  books_dir, books = os.path.split(os.path.realpath(config.books_csv))
+  users_dir, users = os.path.split(os.path.realpath(config.users_csv))
+  # Relative to the working directory, with "./", and through a symlink.
+  monkeypatch.chdir(books_dir)
+  relative = dataclasses.replace(
+      config, books_csv=books,
+      users_csv=os.path.relpath(os.path.join(users_dir, users)))
+  assert ingest.cache_key(relative) == key
   assert ingest.cache_key(dataclasses.replace(
-      absolute, books_csv=name)) == key
+      relative, books_csv=os.path.join(".", books))) == key
+  os.symlink(books_dir, tmp_path / "linked")
   assert ingest.cache_key(dataclasses.replace(
-      absolute, books_csv=os.path.join(".", name))) == key
+      config, books_csv=str(tmp_path / "linked" / books))) == key
+  # Another file is another key.
+  other = tmp_path / "other.csv"
+  shutil.copy(os.path.join(books_dir, books), other)
+  assert ingest.cache_key(dataclasses.replace(
+      config, books_csv=str(other))) != key
 
 
 def test_run_cached_reingests_when_an_input_file_changes(dataset_writer,

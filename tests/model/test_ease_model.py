@@ -99,20 +99,36 @@ def _dense(columns, values, n):
   return out[1:, 1:]
 
 
-def test_neighbourhoods_of_every_other_book_are_exact_ease():
+def test_neighbourhoods_of_every_other_book_are_exact_ease(monkeypatch):
   # 40 users reading 8 of 10 books: every pair of books co-occurs, so each
   # book's neighbourhood is all the others.
   users, items = _pairs(4, users=40, items=10, per_user=8)
   assert (ease.gram(users, items, 10) > 0).all()
+  # Each chunk of X^T X rows stays within the bound (one book's row may
+  # pass it) and holds at most bound / N books.
+  chunks = []
+  gram_rows = ease._gram_rows  # pylint: disable=protected-access
+
+  def checked(x, x_rows, lo, hi):
+    rows = gram_rows(x, x_rows, lo, hi)
+    chunks.append(hi - lo)
+    assert hi - lo == 1 or rows.nnz <= bound
+    assert hi - lo <= max(1, bound // 9)
+    return rows
+
+  monkeypatch.setattr(ease, "_gram_rows", checked)
   # The default bound takes all books in one chunk and block; 1000 takes
   # a few books per chunk of X^T X rows; a tiny one, one book per chunk
   # and block, its neighbourhood counted by a sparse product.
   for bound in (2 ** 23, 1000, 150):
+    chunks.clear()
     for lam, (columns, values) in zip(
         (7.0, 2.0), ease.neighbourhood_rows(users, items, 10, (7.0, 2.0), 9,
                                             10, block_entries=bound)):
       np.testing.assert_allclose(_dense(columns, values, 10),
                                  ease.fit(users, items, 10, lam), atol=1e-5)
+    assert sum(chunks) == 10 and len(chunks) == {2 ** 23: 1, 1000: 3,
+                                                 150: 10}[bound]
 
 
 def test_a_neighbourhood_is_a_ridge_on_the_most_co_occurring_books():
@@ -170,3 +186,21 @@ def test_neighbourhood_ease_refuses_no_neighbours_or_no_lambda():
     ease.neighbourhood_rows(users, items, 5, [1.0], 0, 5)
   with pytest.raises(ValueError, match="at least one lambda"):
     ease.neighbourhood_rows(users, items, 5, [], 4, 5)
+
+
+def test_a_chunk_holds_at_most_bound_over_n_books(monkeypatch):
+  # 40 books in a ring, each user reading two neighbours: each X^T X row
+  # is tiny (bounded by 4), so the bound / N cap sets the chunks.
+  users = np.repeat(np.arange(40), 2)
+  items = np.stack([np.arange(40), (np.arange(40) + 1) % 40], 1).ravel()
+  whole = list(ease.neighbourhood_rows(users, items, 40, [1.0], 8, 8))
+  chunks = []
+  gram_rows = ease._gram_rows  # pylint: disable=protected-access
+  monkeypatch.setattr(ease, "_gram_rows", lambda x, r, lo, hi: (
+      chunks.append(hi - lo), gram_rows(x, r, lo, hi))[1])
+  split = list(ease.neighbourhood_rows(users, items, 40, [1.0], 8, 8,
+                                       block_entries=64))
+  assert chunks == [8] * 5
+  for (c0, v0), (c1, v1) in zip(whole, split):
+    np.testing.assert_array_equal(c0, c1)
+    np.testing.assert_allclose(v0, v1, rtol=1e-6)

@@ -216,15 +216,22 @@ def test_neighbourhood_ease_above_the_cap(blend_run):
       ease_popularity_powers=(0.0,), ease_weights=WEIGHTS, ease_neighbours=0)
   with pytest.raises(ease_lib.TooManyItemsError, match="ease_neighbours"):
     blend_lib.fit(prep, view, dat, towers, capped)
-  wide = dataclasses.replace(capped, ease_neighbours=6)
+  wide = dataclasses.replace(capped, ease_neighbours=6,
+                             ease_lambdas=(5.0, 50.0))
   built, info = blend_lib.fit(prep, view, dat, towers, wide)
   assert info["neighbours"] == 6
-  # Validation scored the neighbourhood EASE, not the exact one.
+  # Validation scored the neighbourhood EASE of each lambda (fitted
+  # together), not the exact one.
   n = len(prep.data.items)
+  scored = []
+  for lam in (5.0, 50.0):
+    alone = next(blend_lib.ease_tables(prep, [lam], 30, 6))
+    val = evaluation.evaluate(pipeline.ease_scorer(*alone, n), prep.val,
+                              batch_size=config.train.eval_batch_size)
+    scored.append({"lambda": lam, "recall@20": val["recall@20"]})
+  assert info["lambdas"] == scored
+  assert info["lambda"] in (5.0, 50.0)
   tables = next(blend_lib.ease_tables(prep, [5.0], 30, 6))
-  val = evaluation.evaluate(pipeline.ease_scorer(*tables, n), prep.val,
-                            batch_size=config.train.eval_batch_size)
-  assert info["lambdas"] == [{"lambda": 5.0, "recall@20": val["recall@20"]}]
   # Its weights differ from exact EASE's: six neighbours of many books.
   batch = next(iter(prep.val.dataset(64)))
   seen = pipeline.batch_seen(batch)
@@ -238,7 +245,8 @@ def test_neighbourhood_ease_above_the_cap(blend_run):
     return
   # The export's tables: neighbourhood EASE refitted on training plus
   # validation, scaled as chosen.
-  columns, values = next(blend_lib.ease_tables(view, [5.0], 30, 6))
+  columns, values = next(blend_lib.ease_tables(view, [info["lambda"]], 30,
+                                               6))
   np.testing.assert_array_equal(built.blend.columns, columns)
   np.testing.assert_allclose(
       built.blend.values, ease_lib.popularity_scaled(

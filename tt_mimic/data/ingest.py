@@ -428,18 +428,18 @@ def summary(report: dict) -> str:
 
 
 def cache_key(config: IngestConfig) -> str:
-  """Hash of the inputs' identity (absolute path, size, mtime) and the
-  parameters: `data/books.csv`, `./data/books.csv` and its absolute path
-  share a key."""
+  """Hash of the inputs' identity (resolved path, size, mtime) and the
+  parameters: every spelling of a file (`data/books.csv`,
+  `./data/books.csv`, its absolute path, a path through a symlink) shares
+  a key, as a run's trained variants do (`trainer`)."""
   h = hashlib.sha256(ARTIFACT_VERSION.encode())
   for path in (config.books_csv, config.users_csv):
     st = os.stat(path)
-    h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-  # The paths as absolute, as above (a path already absolute keeps the key
-  # it had when the paths were hashed as spelled).
+    h.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+             .encode())
   params = dataclasses.asdict(dataclasses.replace(
-      config, books_csv=os.path.abspath(config.books_csv),
-      users_csv=os.path.abspath(config.users_csv)))
+      config, books_csv=os.path.realpath(config.books_csv),
+      users_csv=os.path.realpath(config.users_csv)))
   h.update(json.dumps(params, sort_keys=True).encode())
   return h.hexdigest()[:16]
 

@@ -33,7 +33,7 @@ book on its most co-read books instead, with no dense books x books matrix.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def _neighbours(gram_rows, targets: np.ndarray, neighbours: int):
 def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
                        lams: Sequence[float], neighbours: int, top_k: int,
                        block_entries: int = 2 ** 23
-                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """EASE restricted to neighbourhoods, as `sparse_rows`' tables, from
   distinct 0-based (user, book) pairs (a repeated pair would count twice).
 
@@ -183,13 +183,14 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
     neighbours: N.
     top_k: as `sparse_rows`.
     block_entries: about how many entries a step holds: the X^T X rows of
-      a chunk of books (bounded by their readers' reads), the (book,
-      reader) entries of a block of neighbourhoods; a block's co-read
-      pairs are bounded by 4 x this.
+      a chunk of books (bounded by their readers' reads; at most this / N
+      books), the (book, reader) entries of a block of neighbourhoods; a
+      block's co-read pairs are bounded by 4 x this.
 
   Returns:
-    `sparse_rows`' tables for each of `lams`, k the largest row kept (at
-    most `top_k`).
+    An iterator of `sparse_rows`' tables for each of `lams` in turn (the
+    fit runs when the first is asked for), k the largest row kept (at most
+    `top_k`); each lambda's weights are freed once its tables are made.
 
   Raises:
     ValueError: `neighbours` < 1, or no `lams`.
@@ -199,10 +200,17 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
                      f"{neighbours}.")
   if not len(lams):  # pylint: disable=g-explicit-length-test
     raise ValueError("neighbourhood EASE needs at least one lambda.")
+  return _neighbourhood_tables(users, items, n_items, list(lams),
+                               int(neighbours), top_k, block_entries)
+
+
+def _neighbourhood_tables(users, items, n_items, lams, neighbours, top_k,
+                          block_entries):
+  """`neighbourhood_rows`' tables, lambda by lambda."""
   x = _reads(users, items, n_items)
   x_rows = x.tocsr()
   read = np.append(np.diff(x.indptr), 0)  # [-1]: the padding reads nothing
-  width = max(1, min(int(neighbours), n_items - 1))
+  width = max(1, min(neighbours, n_items - 1))
   diagonal = np.arange(width)
   sources, targets, weights = [], [], [[] for _ in lams]
   # Chunks of books whose X^T X rows hold about block_entries entries,
@@ -214,6 +222,8 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
     end = max(chunk + 1, int(np.searchsorted(
         row_bound, (row_bound[chunk - 1] if chunk else 0) + block_entries,
         side="right")))
+    # Also at most block_entries / N books (their neighbourhoods' arrays).
+    end = min(end, chunk + max(1, block_entries // width))
     books = np.arange(chunk, min(n_items, end))
     chunk = books[-1] + 1
     index, value = _neighbours(_gram_rows(x, x_rows, books[0], chunk),
@@ -236,8 +246,12 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
         out.append(solved[real].astype(np.float32))
       lo = hi
   sources, targets = np.concatenate(sources), np.concatenate(targets)
-  return [_rows_from_entries(sources, targets, np.concatenate(out), n_items,
-                             top_k) for out in weights]
+  for i in range(len(weights)):
+    values = np.concatenate(weights[i])
+    weights[i] = None
+    tables = _rows_from_entries(sources, targets, values, n_items, top_k)
+    del values
+    yield tables
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
