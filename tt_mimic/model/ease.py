@@ -207,6 +207,21 @@ def neighbourhood_rows(users: np.ndarray, items: np.ndarray, n_items: int,
 def _neighbourhood_tables(users, items, n_items, lams, neighbours, top_k,
                           block_entries):
   """`neighbourhood_rows`' tables, lambda by lambda."""
+  sources, targets, weights = _neighbourhood_weights(
+      users, items, n_items, lams, neighbours, block_entries)
+  for i in range(len(weights)):
+    values = np.concatenate(weights[i])
+    weights[i] = None
+    tables = _rows_from_entries(sources, targets, values, n_items, top_k)
+    del values
+    yield tables
+    del tables
+
+
+def _neighbourhood_weights(users, items, n_items, lams, neighbours,
+                           block_entries):
+  """B's nonzero entries B[source, target] of `neighbourhood_rows`:
+  (sources, targets, one list of weight blocks per lambda)."""
   x = _reads(users, items, n_items)
   x_rows = x.tocsr()
   read = np.append(np.diff(x.indptr), 0)  # [-1]: the padding reads nothing
@@ -245,13 +260,7 @@ def _neighbourhood_tables(users, items, n_items, lams, neighbours, top_k,
         solved = np.linalg.solve(a, value[lo:hi, :, None])[..., 0]
         out.append(solved[real].astype(np.float32))
       lo = hi
-  sources, targets = np.concatenate(sources), np.concatenate(targets)
-  for i in range(len(weights)):
-    values = np.concatenate(weights[i])
-    weights[i] = None
-    tables = _rows_from_entries(sources, targets, values, n_items, top_k)
-    del values
-    yield tables
+  return np.concatenate(sources), np.concatenate(targets), weights
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
