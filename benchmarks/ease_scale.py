@@ -17,7 +17,6 @@ peak RSS is the process's (the data included).
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -62,8 +61,7 @@ def _peak_gib() -> float:
 
 def main(argv):
   del argv
-  with open(os.path.join(_MODEL_DIR.value, pipeline.RUN_FILE)) as f:
-    directory = os.path.join(_MODEL_DIR.value, json.load(f)["ingest_dir"])
+  directory = pipeline.ingest_directory(_MODEL_DIR.value)
   events = pd.read_parquet(os.path.join(directory, "events.parquet"),
                            columns=["user", "item", "split"])
   n = len(pd.read_parquet(os.path.join(directory, "items.parquet"),

@@ -29,6 +29,7 @@ def test_ease_scale_fits_every_lambda_and_matches_the_baseline(tmp_path):
       directory / "events.parquet")
   pd.DataFrame({"parent_asin": [f"b{i}" for i in range(30)]}).to_parquet(
       directory / "items.parquet")
+  (directory / "ingest_report.json").write_text("{}")
   (tmp_path / pipeline.RUN_FILE).write_text(
       json.dumps({"ingest_dir": "ingest/key"}))
   for refit in ("--norefit", "--refit"):

@@ -432,15 +432,14 @@ def cache_key(config: IngestConfig) -> str:
   parameters: every spelling of a file (`data/books.csv`,
   `./data/books.csv`, its absolute path, a path through a symlink) shares
   a key, as a run's trained variants do (`trainer`)."""
-  h = hashlib.sha256(ARTIFACT_VERSION.encode())
-  for path in (config.books_csv, config.users_csv):
-    st = os.stat(path)
-    h.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-             .encode())
-  params = dataclasses.asdict(dataclasses.replace(
+  resolved = dataclasses.replace(
       config, books_csv=os.path.realpath(config.books_csv),
-      users_csv=os.path.realpath(config.users_csv)))
-  h.update(json.dumps(params, sort_keys=True).encode())
+      users_csv=os.path.realpath(config.users_csv))
+  h = hashlib.sha256(ARTIFACT_VERSION.encode())
+  for path in (resolved.books_csv, resolved.users_csv):
+    st = os.stat(path)
+    h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+  h.update(json.dumps(dataclasses.asdict(resolved), sort_keys=True).encode())
   return h.hexdigest()[:16]
 
 

@@ -142,12 +142,11 @@ def _rank_in_groups(groups: np.ndarray) -> np.ndarray:
   return np.arange(len(groups)) - np.searchsorted(groups, groups)
 
 
-def _neighbours(gram_rows, targets: np.ndarray, neighbours: int):
+def _neighbours(g, targets: np.ndarray, neighbours: int):
   """Each target's `neighbours` books of the most co-occurrences (ties: the
-  smaller index), itself left out, from `gram_rows`, the targets' rows of
-  X^T X: ([targets, N] indices, -1 past a book's co-occurring books;
-  [targets, N] their counts)."""
-  g = gram_rows
+  smaller index), itself left out, from `g`, the targets' rows of X^T X
+  (`_gram_rows`): ([targets, N] indices, -1 past a book's co-occurring
+  books; [targets, N] their counts)."""
   owner = np.repeat(np.arange(len(targets)), np.diff(g.indptr))
   keep = g.indices != targets[owner]
   owner, cols, counts = owner[keep], g.indices[keep], g.data[keep]

@@ -299,9 +299,12 @@ def read_config(model_dir: str) -> RunConfig:
     return RunConfig.from_json(f.read())
 
 
-def open_run(model_dir: str) -> tuple[RunConfig, Prepared]:
-  """A run's config and prepared data, from the run directory alone."""
-  config = read_config(model_dir)
+def ingest_directory(model_dir: str) -> str:
+  """Where a run's ingested data is (`RUN_FILE`'s entry).
+
+  Raises:
+    RunError: the run was not ingested, or its data is gone.
+  """
   path = os.path.join(model_dir, RUN_FILE)
   if not os.path.exists(path):
     raise RunError(f"{path} not found: {model_dir} was not ingested.")
@@ -309,7 +312,13 @@ def open_run(model_dir: str) -> tuple[RunConfig, Prepared]:
     directory = os.path.join(model_dir, json.load(f)["ingest_dir"])
   if not os.path.exists(os.path.join(directory, "ingest_report.json")):
     raise RunError(f"The run's ingested data {directory} is missing.")
-  data = ingest.load(directory)
+  return directory
+
+
+def open_run(model_dir: str) -> tuple[RunConfig, Prepared]:
+  """A run's config and prepared data, from the run directory alone."""
+  config = read_config(model_dir)
+  data = ingest.load(ingest_directory(model_dir))
   logging.info("Opened run %s (%d books, %d users)", model_dir,
                len(data.items), len(data.users))
   return config, prepare(data, config.features, config.train,
